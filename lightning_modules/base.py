@@ -1,0 +1,124 @@
+"""Optimization logic shared by every model, read from hyperparameters.
+
+Subclasses build `self.net` and define the loss; this base owns the optimizer, the
+learning-rate schedule (with warmup) and the L1 penalty, so every model is tuned with the
+same names: `optimizer`, `lr`, `momentum`, `weight_decay`, `l1`, `scheduler`,
+`warmup_epochs`, `step_size`, `gamma`, `dropout`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+Optimizer = Literal["sgd", "adam", "adamw"]
+Scheduler = Literal["none", "cosine", "step", "onecycle"]
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
+SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "onecycle")
+
+
+class TrainableModule(L.LightningModule):
+    """A LightningModule whose optimizer, schedule and regularization come from hparams."""
+
+    net: nn.Module
+
+    def __init__(
+        self,
+        *,
+        optimizer: Optimizer = "adamw",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        l1: float = 0.0,
+        scheduler: Scheduler = "none",
+        warmup_epochs: int = 0,
+        step_size: int = 10,
+        gamma: float = 0.1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+        self.optim_settings: dict[str, Any] = dict(
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            l1=l1,
+            scheduler=scheduler,
+            warmup_epochs=warmup_epochs,
+            step_size=step_size,
+            gamma=gamma,
+        )
+        self.dropout = dropout
+
+    # -- regularization -------------------------------------------------------------------
+    def decay_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices and conv kernels only, never on biases or norms (as nanoGPT)."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        wd = self.optim_settings["weight_decay"]
+        return [
+            {"params": decay, "weight_decay": wd},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def l1_penalty(self) -> torch.Tensor:
+        """Sum of |w| over the same weights that get weight decay (matrices and kernels)."""
+        weights = [p.abs().sum() for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        return torch.stack(weights).sum()
+
+    def regularized(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add the L1 penalty (if any) to a training loss and log it on its own."""
+        l1 = self.optim_settings["l1"]
+        if l1 <= 0:
+            return loss
+        penalty = l1 * self.l1_penalty()
+        self.log("train_l1", penalty, on_step=False, on_epoch=True)
+        return loss + penalty
+
+    # -- optimizer and schedule -------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        s = self.optim_settings
+        groups = self.decay_groups()
+        if s["optimizer"] == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"])
+        elif s["optimizer"] == "adam":
+            # Adam's own weight_decay is coupled L2 (added to the gradient), as the name promises.
+            opt = torch.optim.Adam(groups, lr=s["lr"])
+        else:
+            opt = torch.optim.AdamW(groups, lr=s["lr"])
+        if s["scheduler"] == "none" and s["warmup_epochs"] == 0:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}
+
+    def _scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        s = self.optim_settings
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total - 1, s["warmup_epochs"] * per_epoch)
+        if s["scheduler"] == "onecycle":
+            pct = warmup / total if warmup > 0 else 0.3
+            return torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=s["lr"], total_steps=total, pct_start=max(pct, 1.0 / total)
+            )
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if s["scheduler"] == "cosine":
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            if s["scheduler"] == "step":
+                return s["gamma"] ** ((step // per_epoch) // s["step_size"])
+            return 1.0
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
