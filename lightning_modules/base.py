@@ -9,7 +9,7 @@ same names: `optimizer`, `lr`, `momentum`, `weight_decay`, `l1`, `scheduler`,
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
 import torch
@@ -25,6 +25,9 @@ class TrainableModule(L.LightningModule):
     """A LightningModule whose optimizer, schedule and regularization come from hparams."""
 
     net: nn.Module
+    task: ClassVar[str]
+    # The rank of one input example the net needs: 3 for (channels, height, width), None for any.
+    input_rank: ClassVar[int | None] = None
 
     def __init__(
         self,

@@ -21,6 +21,4 @@ class MetricsHistory(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Training metrics are reduced after validation ran; fold them into this epoch's row.
         if self.rows and self.rows[-1]["epoch"] == trainer.current_epoch:
-            self.rows[-1].update(
-                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
-            )
+            self.rows[-1].update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")})

@@ -11,9 +11,7 @@ from torch import nn
 class MLP(nn.Module):
     """Fully connected net: Linear → ReLU → Dropout per hidden layer, then a Linear head."""
 
-    def __init__(
-        self, in_features: int, hidden_sizes: Sequence[int], out_features: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, in_features: int, hidden_sizes: Sequence[int], out_features: int, dropout: float = 0.0) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features

@@ -56,17 +56,16 @@ class ArrayDataModule(L.LightningDataModule):
         x, y, strata = self.arrays()
         self.fingerprint = fingerprint(x, y)
         index = np.arange(len(x))
-        rest, test = train_test_split(
-            index, test_size=self.test_fraction, random_state=self.seed, stratify=strata
-        )
+        rest, test = train_test_split(index, test_size=self.test_fraction, random_state=self.seed, stratify=strata)
         train, val = train_test_split(
             rest,
             test_size=self.val_fraction / (1 - self.test_fraction),
             random_state=self.seed,
             stratify=strata[rest],
         )
-        self.splits = {name: self.to_tensors(x[idx], y[idx]) for name, idx in
-                       (("train", train), ("val", val), ("test", test))}
+        self.splits = {
+            name: self.to_tensors(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
+        }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

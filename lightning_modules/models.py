@@ -33,6 +33,8 @@ class MLPClassifier(ClassifierModule):
 class CNN(ClassifierModule):
     """Two conv + pool blocks and two fully connected layers; adapts to the image size."""
 
+    input_rank = 3
+
     def __init__(
         self,
         input_shape: Sequence[int] = (1, 8, 8),

@@ -26,8 +26,10 @@ DATA: dict[str, type[ArrayDataModule]] = {
     "digits": DigitsDataModule,
     "regression": RegressionDataModule,
 }
-# Model arguments that come from the data module, never from a spec.
+# Model arguments that come from the data module, and data arguments that come from the model:
+# never set by a spec, so `-p model cnn` alone gives the CNN its images.
 DERIVED_FROM_DATA = ("input_shape", "num_classes")
+DERIVED_FROM_MODEL = ("flatten",)
 
 
 def _lookup(kind: str, name: str, table: Mapping[str, type]) -> type:
@@ -66,8 +68,12 @@ def pick(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_data(params: Mapping[str, Any]) -> ArrayDataModule:
+    """Build `params["data"]`, shaped for `params["model"]` (images for a CNN, vectors otherwise)."""
     cls = data_class(params["data"])
-    return cls(**pick(cls, params))
+    kwargs = {k: v for k, v in pick(cls, params).items() if k not in DERIVED_FROM_MODEL}
+    if "flatten" in init_parameters(cls):
+        kwargs["flatten"] = model_class(params["model"]).input_rank != 3
+    return cls(**kwargs)
 
 
 def build_model(params: Mapping[str, Any], datamodule: ArrayDataModule) -> TrainableModule:

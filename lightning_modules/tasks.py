@@ -32,8 +32,9 @@ def _attach_split_metrics(module: TrainableModule, collection: Callable[[str], M
 
 def _log_split(module: TrainableModule, split: str) -> None:
     """Log the split's loss and metrics once per epoch (never per step: logging must stay cheap)."""
-    module.log(f"{split}_loss", getattr(module, f"{split}_mean_loss"), on_step=False, on_epoch=True,
-               prog_bar=split != "train")
+    module.log(
+        f"{split}_loss", getattr(module, f"{split}_mean_loss"), on_step=False, on_epoch=True, prog_bar=split != "train"
+    )
     module.log_dict(getattr(module, f"{split}_metrics"), on_step=False, on_epoch=True, prog_bar=split == "val")
 
 

@@ -1,0 +1,37 @@
+# labbook: `make run` sets up from nothing and runs the default pipeline; `make test` sets up and tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SPEC ?= pipelines/digits_mlp.yaml
+
+.PHONY: setup run test lint bench ui clean
+
+setup: $(STAMP)
+
+# Reinstall when the build file changes. torch comes first, pinned: the CPU wheel is provided
+# on these machines and an unpinned torch would pull gigabytes of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# A Jupyter kernel inside the venv that runs the venv's own Python: papermill uses it by name.
+	$(BIN)/python -m ipykernel install --sys-prefix --name labbook --display-name "labbook (.venv)"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/labbook run $(SPEC)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+ui: setup
+	$(BIN)/labbook ui
+
+clean:
+	rm -rf $(VENV) mlruns/mlflow.db mlruns/artifacts mlruns/outputs

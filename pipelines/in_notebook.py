@@ -1,0 +1,102 @@
+"""The thin helper a notebook imports: its MLflow logger, figures and model, in a few calls.
+
+The notebook keeps the story (build, fit, evaluate, plot); this module keeps the MLflow
+plumbing out of it. It works both under `labbook run` (which created the run and passes its
+`run_id`) and under plain `papermill` (which passes nothing, so a new run is created here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+
+from pipelines import tracking
+from pipelines.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
+
+NOTEBOOK = "notebooks/train.ipynb"
+
+
+def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
+    """Lightning's MLflow logger on the run `params["run_id"]`, or on a new run if there is none.
+
+    Logs the run's hyperparameters and provenance tags up front, so even a run that fails in
+    its first epoch shows what it was.
+    """
+    uri = params.get("tracking_uri") or tracking.tracking_uri()
+    client = tracking.client(uri)
+    tags = {f"{tracking.TAG_PREFIX}python_executable": sys.executable}
+    run_id = params.get("run_id")
+    if not run_id:  # run by plain papermill: nobody recorded provenance yet
+        tags |= tracking.provenance_tags(params.get("seed"), NOTEBOOK)
+        run_id = tracking.start_run(
+            client,
+            params.get("experiment_name") or "labbook",
+            run_name=params.get("run_name") or None,
+            parent_run_id=params.get("parent_run_id") or None,
+        )
+    tracking.log_params(client, run_id, hyperparameters(params), tags=tags)
+    return MLFlowLogger(tracking_uri=uri, run_id=run_id)
+
+
+def output_dir(params: dict[str, Any], run_id: str) -> Path:
+    """Where this run's checkpoints go: the folder `labbook run` gave, or one beside the store."""
+    if params.get("output_dir"):
+        path = Path(params["output_dir"])
+    else:
+        store = tracking.local_store_dir(params.get("tracking_uri") or tracking.tracking_uri())
+        path = (store or Path.cwd() / "mlruns") / "outputs" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
+    logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
+
+
+def log_figure(logger: MLFlowLogger, figure: Any, name: str) -> None:
+    """Attach a matplotlib figure as `plots/<name>.png`."""
+    logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
+
+
+def log_table(logger: MLFlowLogger, frame: Any, name: str) -> None:
+    """Attach a pandas DataFrame as `tables/<name>.csv`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        logger.experiment.log_artifact(logger.run_id, str(path), "tables")
+
+
+def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str | os.PathLike | None = None) -> str:
+    """Log the trained module as an MLflow PyTorch model named `model` (and its checkpoint).
+
+    Returns the model URI `runs:/<run id>/model`, which `mlflow.pytorch.load_model` reloads.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    if checkpoint:
+        logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
+    mlflow.set_tracking_uri(logger._tracking_uri)
+    module = module.cpu().eval()
+    with mlflow.start_run(run_id=logger.run_id):
+        mlflow.pytorch.log_model(module, name="model", input_example=example)
+    return f"runs:/{logger.run_id}/model"
+
+
+__all__ = [
+    "TRACKING_PARAMETERS",
+    "hyperparameters",
+    "notebook_parameters",
+    "log_figure",
+    "log_model",
+    "log_table",
+    "mlflow_logger",
+    "output_dir",
+    "set_tag",
+]

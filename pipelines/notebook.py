@@ -1,0 +1,107 @@
+"""Execute a notebook with papermill and attach the executed copy (ipynb + HTML) to a run.
+
+A failing cell still leaves a partly executed notebook: it is rendered and attached too,
+and the failure comes back as one line (`ZeroDivisionError: division by zero (cell 7)`).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill
+from mlflow import MlflowClient
+from nbconvert import HTMLExporter
+
+KERNEL_NAME = "labbook"
+
+
+@dataclass(frozen=True)
+class ExecutedNotebook:
+    ipynb: Path
+    html: Path | None
+    error: str | None  # one line; None when every cell ran
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def ensure_kernel(name: str = KERNEL_NAME) -> str:
+    """Make sure kernel `name` runs *this* interpreter, so a notebook never runs in another Python.
+
+    The kernel is installed into this environment's prefix (like `make` does), never user-wide.
+    """
+    from ipykernel.kernelspec import install
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+            return name
+    except NoSuchKernel:
+        pass
+    install(kernel_name=name, display_name=f"{name} ({sys.prefix})", prefix=sys.prefix)
+    return name
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, papermill.PapermillExecutionError):
+        evalue = " ".join(str(exc.evalue).split())
+        return f"{exc.ename}: {evalue} (cell {exc.exec_count})"
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())
+    if name == "DeadKernelError":
+        return f"kernel died: {text}"
+    return f"{name}: {text}" if text else name
+
+
+def render_html(ipynb: Path) -> Path:
+    """The notebook as a standalone HTML page (plots embedded), beside the ipynb."""
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+    html = ipynb.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def execute(
+    notebook: Path,
+    output_dir: Path,
+    parameters: dict[str, Any],
+    cwd: Path | None = None,
+    progress_bar: bool = True,
+) -> ExecutedNotebook:
+    """Run `notebook` into `output_dir/<name>.ipynb` with `parameters` injected."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ipynb = output_dir / notebook.name
+    error: str | None = None
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(ipynb),
+            parameters=parameters,
+            kernel_name=ensure_kernel(),
+            cwd=str(cwd or Path.cwd()),
+            progress_bar=progress_bar,
+        )
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the notebook's failure is the run's outcome, not ours
+        error = _one_line(exc)
+    html = None
+    if ipynb.exists():
+        try:
+            html = render_html(ipynb)
+        except Exception as exc:  # a rendering problem must not hide the run's own outcome
+            error = error or f"rendering the executed notebook failed: {_one_line(exc)}"
+    return ExecutedNotebook(ipynb=ipynb, html=html, error=error)
+
+
+def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook) -> None:
+    """Log the executed notebook and its HTML under the run's `notebook/` artifacts."""
+    for path in (executed.ipynb, executed.html):
+        if path is not None and path.exists():
+            mlflow.log_artifact(run_id, str(path), "notebook")

@@ -1,0 +1,81 @@
+"""`labbook run`: one spec's training, executed as a notebook, tracked as one MLflow run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines import notebook, tracking
+from pipelines.spec import Spec
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+    error: str | None
+    notebook: Path
+
+
+def run_training(
+    spec: Spec,
+    spec_path: Path | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    extra_parameters: dict[str, Any] | None = None,
+    progress_bar: bool = True,
+) -> RunResult:
+    """Create the run, execute the train notebook into it, attach the executed copy, close it.
+
+    The run exists before the notebook starts, so a notebook that dies early still leaves a
+    FAILED run with whatever it had logged and its partly executed notebook.
+    """
+    uri = tracking.tracking_uri()
+    mlflow = tracking.client(uri)
+    nb_path = spec.notebook_path(spec_path.parent if spec_path else None)
+    params = spec.parameters()
+    tags = tracking.provenance_tags(params.get("seed"), _display(nb_path))
+    tags[f"{tracking.TAG_PREFIX}spec"] = spec.name
+    if spec_path is not None:
+        tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
+    run_id = tracking.start_run(
+        mlflow, spec.experiment_name, run_name=run_name or spec.name, parent_run_id=parent_run_id, tags=tags
+    )
+    store = tracking.local_store_dir(uri) or Path.cwd() / "mlruns"
+    output_dir = store / "outputs" / run_id
+    executed = notebook.execute(
+        nb_path,
+        output_dir,
+        {
+            **params,
+            **(extra_parameters or {}),
+            "tracking_uri": uri,
+            "experiment_name": spec.experiment_name,
+            "run_id": run_id,
+            "parent_run_id": parent_run_id or "",
+            "output_dir": str(output_dir),
+        },
+        progress_bar=progress_bar,
+    )
+    try:
+        notebook.attach(mlflow, run_id, executed)
+    finally:
+        tracking.finish_run(mlflow, run_id, executed.error)
+    run = mlflow.get_run(run_id)
+    return RunResult(
+        run_id=run_id,
+        status=run.info.status,
+        metrics=dict(run.data.metrics),
+        error=executed.error,
+        notebook=executed.ipynb,
+    )
+
+
+def _display(path: Path) -> str:
+    """The notebook path relative to the project when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(tracking.PROJECT_ROOT))
+    except ValueError:
+        return str(path)

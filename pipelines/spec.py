@@ -1,0 +1,276 @@
+"""Pipeline specs: YAML → validated pydantic objects → the flat parameter dict a notebook takes.
+
+Validated once, at the edge: unknown keys, wrong types, out-of-range values and unknown
+model/data names are one-line `SpecError`s naming the field, before anything runs.
+The sections (`model`, `data`, `optim`, `trainer`) only group names for people; every name
+is unique across them, and `Spec.parameters()` flattens them into the dict the train notebook's
+`parameters` cell, the LightningModule's hparams and the MLflow params all share.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from lightning_modules import init_parameters
+from lightning_modules.registry import DATA, DERIVED_FROM_DATA, DERIVED_FROM_MODEL, MODELS, data_class, model_class
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
+
+
+class SpecError(ValueError):
+    """A spec is invalid; the message is one line naming the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class OptimSpec(_Strict):
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    momentum: Fraction = 0.9
+    weight_decay: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0)
+    scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainerSpec(_Strict):
+    max_epochs: int = Field(10, ge=1)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
+    seed: int = 42
+    accumulate_grad_batches: int = Field(1, ge=1)
+    gradient_clip_val: float | None = Field(None, ge=0)
+    enable_progress_bar: bool = True
+
+
+class _Named(BaseModel):
+    """A section with a registry `name` plus that class's own constructor arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    _kind: typing.ClassVar[str]
+    _table: typing.ClassVar[dict[str, type]]
+    _common: typing.ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _check_arguments(self) -> _Named:
+        if self.name not in self._table:
+            raise ValueError(f"unknown {self._kind} {self.name!r}; known: {', '.join(sorted(self._table))}")
+        cls = model_class(self.name) if self._kind == "model" else data_class(self.name)
+        own = {
+            n: p
+            for n, p in init_parameters(cls).items()
+            if n not in DERIVED_FROM_DATA + DERIVED_FROM_MODEL and n not in self._common and n not in _OTHER_SECTIONS
+        }
+        extra = dict(self.__pydantic_extra__ or {})
+        unknown = sorted(set(extra) - set(own))
+        if unknown:
+            allowed = ", ".join(["name", *sorted(self._common), *sorted(own)])
+            raise ValueError(f"{unknown[0]!r} is not a setting of {self._kind} {self.name!r}; allowed: {allowed}")
+        hints = typing.get_type_hints(cls.__init__) if extra else {}
+        fields: dict[str, Any] = {n: (hints.get(n, Any), ...) for n in extra}
+        checked = create_model(f"{self.name}_settings", __config__=ConfigDict(extra="forbid"), **fields)
+        values = checked.model_validate(extra).model_dump()
+        # Plain lists for sequences, so YAML, notebooks and MLflow params all show the same value.
+        self.__pydantic_extra__ = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+        return self
+
+
+class ModelSpec(_Named):
+    _kind = "model"
+    _table = MODELS
+    _common = frozenset({"dropout"})
+    dropout: Fraction = 0.0
+
+
+class DataSpec(_Named):
+    _kind = "data"
+    _table = DATA
+    _common = frozenset({"batch_size"})
+    batch_size: int = Field(64, ge=1)
+
+
+# Names owned by another section: `seed` lives in `trainer` and reaches the data module from there.
+_OTHER_SECTIONS = frozenset(OptimSpec.model_fields) | frozenset(TrainerSpec.model_fields)
+
+
+class Spec(_Strict):
+    """One pipeline: what to train, on what, how, and where it is tracked."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    experiment: str | None = None
+    notebook: str = DEFAULT_NOTEBOOK
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec = OptimSpec()
+    trainer: TrainerSpec = TrainerSpec()
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> Spec:
+        model, data = model_class(self.model.name), data_class(self.data.name)
+        if model.task != data.task:
+            raise ValueError(
+                f"model {self.model.name!r} is for {model.task} but data {self.data.name!r} is {data.task}; "
+                f"pick a {model.task} data set ({', '.join(n for n, c in DATA.items() if c.task == model.task)})"
+            )
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    def notebook_path(self, base: Path | None = None) -> Path:
+        """The notebook, relative to the project root unless absolute (or found beside the spec)."""
+        path = Path(self.notebook)
+        if path.is_absolute():
+            return path
+        for root in (PROJECT_ROOT, base or Path.cwd()):
+            if (root / path).exists():
+                return root / path
+        return PROJECT_ROOT / path
+
+    def parameters(self) -> dict[str, Any]:
+        """The flat dict of notebook parameters: one name per setting, as in the notebook."""
+        model = self.model.model_dump()
+        data = self.data.model_dump()
+        return {
+            "model": model.pop("name"),
+            "data": data.pop("name"),
+            **model,
+            **data,
+            **self.optim.model_dump(),
+            **self.trainer.model_dump(),
+        }
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Spec:
+        """A new, re-validated spec with flat `name=value` overrides placed in their sections."""
+        raw = self.model_dump()
+        for key, value in overrides.items():
+            if key in ("model", "data"):
+                raw[key]["name"] = value
+            elif key in Spec.model_fields:
+                raw[key] = value
+            else:
+                raw[self._section_of(key)][key] = value
+        return Spec.model_validate(raw)
+
+    def _section_of(self, key: str) -> str:
+        if key in OptimSpec.model_fields:
+            return "optim"
+        if key in TrainerSpec.model_fields:
+            return "trainer"
+        if key in ModelSpec.model_fields or key in init_parameters(model_class(self.model.name)):
+            return "model"
+        if key in DataSpec.model_fields or key in init_parameters(data_class(self.data.name)):
+            return "data"
+        known = sorted(set(self.parameters()) - {"model", "data"})
+        raise SpecError(f"--set {key}: unknown setting; known: {', '.join(known)}")
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "spec"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    elif first["type"].startswith("literal_error"):
+        message = f"got {first['input']!r}; {message[0].lower()}{message[1:]}"
+    elif "input" in first and first["type"] not in ("value_error",):
+        message = f"{message} (got {first['input']!r})"
+    return f"{source}: {field}: {message}"
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read and validate a spec file; every problem is a one-line `SpecError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of settings at the top level")
+    try:
+        spec = Spec.model_validate(raw)
+        if overrides:
+            spec = spec.with_overrides(overrides)
+    except ValidationError as exc:
+        raise SpecError(_one_line(exc, str(path))) from None
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    notebook = spec.notebook_path(path.parent)
+    if not notebook.is_file():
+        raise SpecError(f"{path}: notebook: no such notebook {spec.notebook!r}")
+    return spec
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["lr=0.01", "hidden_sizes=[32, 32]"]` → `{"lr": 0.01, "hidden_sizes": [32, 32]}` (YAML values)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set {pair!r}: expected key=value")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {pair!r}: value is not valid YAML") from None
+    return overrides
+
+
+# Parameters of the train notebook that say where a run is tracked, not what is trained.
+TRACKING_PARAMETERS = ("tracking_uri", "experiment_name", "run_name", "run_id", "parent_run_id", "output_dir")
+
+
+def hyperparameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The settings that shape the chosen model and data: what a run logs as MLflow params.
+
+    A CNN run does not log `hidden_sizes`, a digits run does not log `noise`.
+    """
+    model, data = model_class(params["model"]), data_class(params["data"])
+    names = (
+        {"model", "data", "dropout", "batch_size"}
+        | set(init_parameters(model))
+        | set(init_parameters(data))
+        | set(OptimSpec.model_fields)
+        | set(TrainerSpec.model_fields)
+    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+    return {k: v for k, v in params.items() if k in names}
+
+
+def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The notebook's settings, picked by name from its namespace (`globals()`), as one dict.
+
+    Every name a spec can set, any registered model or data class accepts, or that says where
+    the run is tracked; so the parameters cell stays plain assignments.
+    """
+    names = (
+        {"model", "data", "dropout", "batch_size", *TRACKING_PARAMETERS}
+        | set(OptimSpec.model_fields)
+        | set(TrainerSpec.model_fields)
+        | {n for table in (MODELS, DATA) for cls in table.values() for n in init_parameters(cls)}
+    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+    return {k: namespace[k] for k in sorted(names) if k in namespace}

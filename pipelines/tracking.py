@@ -1,0 +1,135 @@
+"""MLflow glue: where runs go, how they are created and closed, and what every run records.
+
+The embedded default needs no server: SQLite at `mlruns/mlflow.db` (under the working
+directory) with artifacts in `mlruns/artifacts/`. `MLFLOW_TRACKING_URI` overrides it
+(another SQLite file, PostgreSQL, or an MLflow tracking server).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TAG_PREFIX = "labbook."
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store under `./mlruns/`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    store = Path.cwd() / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def local_store_dir(uri: str) -> Path | None:
+    """The folder of a SQLite store (`.../mlruns`), where artifacts and notebook outputs go beside it."""
+    match = re.match(r"sqlite:///(.+)$", uri)
+    return Path(match.group(1)).resolve().parent if match else None
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def ensure_experiment(mlflow: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created with its artifacts beside a local store if new."""
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            mlflow.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    store = local_store_dir(mlflow.tracking_uri)
+    location = None
+    if store is not None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        location = (store / "artifacts" / slug).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another worker created it between our lookup and create: use theirs.
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
+    """What a run needs to be repeated: seed, git commit and dirty flag, versions, notebook."""
+    import lightning
+    import mlflow
+    import torch
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    tags = {
+        GIT_COMMIT_TAG: commit or "unknown",
+        f"{TAG_PREFIX}git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        f"{TAG_PREFIX}python_version": platform.python_version(),
+        f"{TAG_PREFIX}torch_version": torch.__version__,
+        f"{TAG_PREFIX}lightning_version": lightning.__version__,
+        f"{TAG_PREFIX}mlflow_version": mlflow.__version__,
+        f"{TAG_PREFIX}notebook": str(notebook),
+        MLFLOW_SOURCE_NAME: str(notebook),
+        MLFLOW_SOURCE_TYPE: "NOTEBOOK",
+    }
+    if seed is not None:
+        tags[f"{TAG_PREFIX}seed"] = str(seed)
+    return tags
+
+
+def start_run(
+    mlflow: MlflowClient,
+    experiment_name: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create a RUNNING run (nested under `parent_run_id` if given) and return its id."""
+    experiment_id = ensure_experiment(mlflow, experiment_name)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    if run_name:
+        all_tags[MLFLOW_RUN_NAME] = run_name
+    run = mlflow.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
+    return run.info.run_id
+
+
+def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> None:
+    """Close a run: FINISHED, or FAILED with the one-line error as a tag."""
+    if error:
+        mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
+    status = RunStatus.FAILED if error else RunStatus.FINISHED
+    mlflow.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+    """Log params (and tags) in one call, each value as `str(value)`: the way Lightning's
+    MLFlowLogger writes hparams, so when both log `lr` they agree and MLflow accepts it."""
+    from mlflow.entities import Param, RunTag
+
+    mlflow.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
