@@ -1,0 +1,116 @@
+"""Every model trains for real on CPU: fast_dev_run, mixed precision, simulated DDP, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from lightning_modules import MODELS, build_data, build_model, model_class
+
+DATA_FOR_TASK = {"classification": "digits", "regression": "regression"}
+
+
+def params_for(model: str, **extra) -> dict:
+    return {"model": model, "data": DATA_FOR_TASK[model_class(model).task], "batch_size": 32, **extra}
+
+
+def build(model: str, **extra):
+    params = params_for(model, **extra)
+    datamodule = build_data(params)
+    datamodule.setup()
+    return build_model(params, datamodule), datamodule
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**(defaults | kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_passes_fast_dev_run(name: str) -> None:
+    model, datamodule = build(name)
+    run = trainer(fast_dev_run=True)
+    run.fit(model, datamodule=datamodule)
+    run.test(model, datamodule=datamodule)
+    assert run.state.finished and "test_loss" in run.callback_metrics
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_in_bf16_mixed_precision(name: str) -> None:
+    model, datamodule = build(name)
+    run = trainer(fast_dev_run=True, precision="bf16-mixed")
+    run.fit(model, datamodule=datamodule)
+    assert torch.isfinite(run.callback_metrics["train_loss"])
+
+
+def test_gradient_accumulation_and_clipping_run() -> None:
+    model, datamodule = build("mlp_classifier")
+    run = trainer(max_epochs=1, limit_train_batches=4, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    run.fit(model, datamodule=datamodule)
+    assert run.global_step == 2  # 4 batches, one optimizer step per 2
+
+
+def test_simulated_ddp_on_two_cpu_processes() -> None:
+    model, datamodule = build("mlp_classifier")
+    run = trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2, strategy="ddp_spawn", devices=2)
+    run.fit(model, datamodule=datamodule)
+    assert run.state.finished and run.world_size == 2
+
+
+def test_resume_from_checkpoint_continues_the_epoch_count(tmp_path: Path) -> None:
+    model, datamodule = build("mlp_classifier")
+    first = trainer(max_epochs=2, default_root_dir=tmp_path, limit_train_batches=3, limit_val_batches=1)
+    first.fit(model, datamodule=datamodule)
+    checkpoint = tmp_path / "two.ckpt"
+    first.save_checkpoint(checkpoint)
+
+    model, datamodule = build("mlp_classifier")
+    resumed = trainer(max_epochs=3, default_root_dir=tmp_path, limit_train_batches=3, limit_val_batches=1)
+    resumed.fit(model, datamodule=datamodule, ckpt_path=str(checkpoint))
+    assert resumed.current_epoch == 3
+    assert resumed.global_step == 9  # 2 epochs restored + 1 more, 3 steps each
+
+
+def test_checkpoint_knows_its_hyperparameters(tmp_path: Path) -> None:
+    model, datamodule = build("cnn", channels=[4, 8], fc_hidden=16, lr=0.02, dropout=0.2)
+    run = trainer(fast_dev_run=True, default_root_dir=tmp_path)
+    run.fit(model, datamodule=datamodule)
+    path = tmp_path / "cnn.ckpt"
+    run.save_checkpoint(path)
+    reloaded = model_class("cnn").load_from_checkpoint(path)
+    assert reloaded.hparams.channels == [4, 8] and reloaded.hparams.lr == 0.02
+    assert reloaded.hparams.input_shape == (1, 8, 8)
+    x = next(iter(datamodule.test_dataloader()))[0]
+    model.eval()
+    reloaded.eval()
+    assert torch.equal(model(x), reloaded(x))
+
+
+def test_cnn_gets_images_and_mlp_gets_vectors() -> None:
+    _, images = build("cnn")
+    _, vectors = build("mlp_classifier")
+    assert next(iter(images.train_dataloader()))[0].shape[1:] == (1, 8, 8)
+    assert next(iter(vectors.train_dataloader()))[0].shape[1:] == (64,)
+    assert images.fingerprint == vectors.fingerprint  # same digits, only shaped differently
+
+
+def test_splits_are_seeded_and_stratified() -> None:
+    _, a = build("mlp_classifier", seed=7)
+    _, b = build("mlp_classifier", seed=7)
+    _, c = build("mlp_classifier", seed=8)
+    ya, yb, yc = (d.splits["test"].tensors[1] for d in (a, b, c))
+    assert torch.equal(ya, yb) and not torch.equal(a.splits["test"].tensors[0], c.splits["test"].tensors[0])
+    counts = torch.bincount(ya, minlength=10)
+    assert counts.min() >= 25 and counts.max() <= 29  # 270 test digits, ~27 of each class
+
+
+def test_unknown_names_list_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown model 'resnet'; known: cnn, mlp_classifier, mlp_regressor"):
+        model_class("resnet")
+    with pytest.raises(ValueError, match="is for regression but data 'digits' is classification"):
+        build_model(
+            {"model": "mlp_regressor", "data": "digits"}, build_data({"model": "mlp_regressor", "data": "digits"})
+        )

@@ -1,0 +1,95 @@
+"""The shared optimization logic: optimizers, weight decay groups, L1, schedules with warmup."""
+
+from __future__ import annotations
+
+import lightning.pytorch as L
+import pytest
+import torch
+
+from lightning_modules import build_data, build_model
+
+
+class LrRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit(epochs: int = 4, batches: int = 5, **hparams):
+    params = {"model": "mlp_classifier", "data": "digits", "batch_size": 32, **hparams}
+    datamodule = build_data(params)
+    model = build_model(params, datamodule)
+    recorder = LrRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return model, trainer, recorder.lrs
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_optimizer_is_chosen_by_name(name: str, cls: type) -> None:
+    _, trainer, _ = fit(epochs=1, batches=1, optimizer=name, lr=0.05)
+    assert type(trainer.optimizers[0]) is cls
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_weight_decay_applies_to_matrices_only() -> None:
+    model, trainer, _ = fit(epochs=1, batches=1, weight_decay=0.1)
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_l1_penalty_is_added_and_logged_on_its_own() -> None:
+    _, trainer, _ = fit(epochs=1, batches=2, l1=1e-3)
+    assert trainer.callback_metrics["train_l1"] > 0
+    _, trainer, _ = fit(epochs=1, batches=2, l1=0.0)
+    assert "train_l1" not in trainer.callback_metrics
+
+
+def test_l1_drives_weights_toward_zero() -> None:
+    plain, _, _ = fit(epochs=3, l1=0.0, lr=0.01)
+    sparse, _, _ = fit(epochs=3, l1=1e-3, lr=0.01)
+    assert sparse.l1_penalty() < 0.8 * plain.l1_penalty()
+
+
+def test_cosine_with_warmup_rises_then_decays() -> None:
+    _, _, lrs = fit(epochs=4, batches=5, lr=0.1, scheduler="cosine", warmup_epochs=1)
+    assert lrs[0] == pytest.approx(0.1 / 5)
+    assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 4  # peak at the end of warmup
+    assert lrs[-1] < 0.05 and lrs == lrs[:5] + sorted(lrs[5:], reverse=True)
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_size_epochs() -> None:
+    _, _, lrs = fit(epochs=4, batches=5, lr=0.1, scheduler="step", step_size=2, gamma=0.5)
+    assert lrs[:10] == pytest.approx([0.1] * 10) and lrs[10:] == pytest.approx([0.05] * 10)
+
+
+def test_onecycle_goes_up_then_down() -> None:
+    _, _, lrs = fit(epochs=4, batches=5, lr=0.1, scheduler="onecycle")
+    peak = lrs.index(max(lrs))
+    assert 0 < peak < len(lrs) - 1 and lrs[0] < 0.1 / 5 and lrs[-1] < lrs[0]
+
+
+def test_no_scheduler_keeps_lr_constant() -> None:
+    _, _, lrs = fit(epochs=2, batches=3, lr=0.02)
+    assert lrs == pytest.approx([0.02] * 6)
+
+
+def test_unknown_optimizer_is_rejected() -> None:
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adam, adamw"):
+        fit(epochs=1, batches=1, optimizer="lamb")
