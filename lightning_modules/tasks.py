@@ -43,6 +43,7 @@ class ClassifierModule(TrainableModule):
 
     task = "classification"
     monitor = ("val_acc", "max")
+    metric_names = ("loss", "acc", "f1", "recall")
 
     def _init_metrics(self, num_classes: int) -> None:
         def collection(split: str) -> MetricCollection:
@@ -88,6 +89,7 @@ class RegressorModule(TrainableModule):
 
     task = "regression"
     monitor = ("val_loss", "min")
+    metric_names = ("loss", "mse", "r2")
 
     def _init_metrics(self) -> None:
         def collection(split: str) -> MetricCollection:

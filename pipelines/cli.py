@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,22 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a setting by its name, e.g. --set lr=0.01 (repeatable)."),
 ]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same orderly stop as Ctrl-C (runs closed, notebooks kept)."""
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
+    err.print("interrupted: run the same command again to resume")
+    return typer.Exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -62,8 +79,12 @@ def run(
     from pipelines.tracking import tracking_uri
 
     loaded = _load(spec, set_)
+    _stop_on_sigterm()
     out.print(f"running {spec} → {tracking_uri()}")
-    result = run_training(loaded, spec_path=spec, run_name=run_name)
+    try:
+        result = run_training(loaded, spec_path=spec, run_name=run_name)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
     out.print(f"run id: {result.run_id}  status: {result.status}")
     out.print(f"executed notebook: {result.notebook}")
     if result.metrics:
@@ -73,6 +94,73 @@ def run(
         out.print(table)
     if result.error:
         raise _fail(f"notebook failed: {result.error}", code=1)
+
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Optuna storage URL (default: the spec's, LABBOOK_OPTUNA_STORAGE, or sqlite:///mlruns/optuna.db)."
+    ),
+]
+StudyOpt = Annotated[str | None, typer.Option("--study-name", help="Study name (default: the spec's name).")]
+TrialsOpt = Annotated[int | None, typer.Option("--n-trials", min=1, help="Trials in total, finished ones included.")]
+TimeoutOpt = Annotated[float | None, typer.Option(min=1, help="Stop starting new trials after this many seconds.")]
+
+
+def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study_name):
+    from pipelines.tune import open_study
+
+    try:
+        return open_study(_load(spec, set_), spec, n_trials, timeout, storage, study_name)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def tune(
+    spec: SpecArg,
+    n_trials: TrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Trials run at once, as separate processes.")] = 1,
+    storage: StorageOpt = None,
+    study_name: StudyOpt = None,
+    set_: SetOpt = None,
+    register: Annotated[bool, typer.Option(help="Register the best model; move `champion` if it is better.")] = True,
+) -> None:
+    """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
+    from pipelines.tune import tune as run_study
+
+    handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    _stop_on_sigterm()
+    try:
+        run_study(handle, workers=workers, register=register, console=out)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
+
+
+@app.command()
+def worker(
+    spec: SpecArg,
+    storage: StorageOpt = None,
+    study_name: StudyOpt = None,
+    n_trials: TrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+) -> None:
+    """Join a study started by `labbook tune` and run trials until its budget is spent."""
+    from pipelines.tune import run_worker
+
+    handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    _stop_on_sigterm()
+    try:
+        run_worker(handle, console=None if quiet else out)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
 
 
 @app.command()

@@ -42,6 +42,34 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     return MLFlowLogger(tracking_uri=uri, run_id=run_id)
 
 
+def pruning_callback(params: dict[str, Any]) -> Any:
+    """Optuna's Lightning pruning callback for this notebook's trial, or None outside a study.
+
+    The trial is rebuilt from the shared storage by study name and trial number, with the
+    pruner the study was created with, so every epoch's value reaches the driver's trial.
+    """
+    if not params.get("optuna_storage") or int(params.get("trial_number", -1)) < 0:
+        return None
+    import optuna
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    from pipelines import study
+    from pipelines.tune_spec import PrunerSpec
+
+    storage = study.storage(params["optuna_storage"])
+    loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
+    loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get("pruner", {})))
+    trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
+    return PyTorchLightningPruningCallback(optuna.trial.Trial(loaded, trial_id), monitor=params["monitor"])
+
+
+def monitored(params: dict[str, Any], default: tuple[str, str]) -> tuple[str, str]:
+    """The metric and mode (`min`/`max`) to checkpoint on: the study's metric in a trial."""
+    if params.get("monitor"):
+        return params["monitor"], params.get("monitor_mode") or default[1]
+    return default
+
+
 def output_dir(params: dict[str, Any], run_id: str) -> Path:
     """Where this run's checkpoints go: the folder `labbook run` gave, or one beside the store."""
     if params.get("output_dir"):
@@ -85,14 +113,18 @@ def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str |
     mlflow.set_tracking_uri(logger._tracking_uri)
     module = module.cpu().eval()
     with mlflow.start_run(run_id=logger.run_id):
-        mlflow.pytorch.log_model(module, name="model", input_example=example)
+        info = mlflow.pytorch.log_model(module, name="model", input_example=example)
+    # MLflow 3 keeps the model apart from run artifacts; its own URI is what the registry takes.
+    set_tag(logger, "model_uri", info.model_uri)
     return f"runs:/{logger.run_id}/model"
 
 
 __all__ = [
     "TRACKING_PARAMETERS",
     "hyperparameters",
+    "monitored",
     "notebook_parameters",
+    "pruning_callback",
     "log_figure",
     "log_model",
     "log_table",

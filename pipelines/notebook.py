@@ -24,10 +24,16 @@ class ExecutedNotebook:
     ipynb: Path
     html: Path | None
     error: str | None  # one line; None when every cell ran
+    interrupted: bool = False  # Ctrl-C / SIGTERM reached us while the notebook ran
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def pruned(self) -> bool:
+        """The notebook stopped because an Optuna pruner said so: an outcome, not a failure."""
+        return bool(self.error) and self.error.startswith("TrialPruned:")
 
 
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
@@ -78,6 +84,7 @@ def execute(
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb = output_dir / notebook.name
     error: str | None = None
+    interrupted = False
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -88,7 +95,8 @@ def execute(
             progress_bar=progress_bar,
         )
     except KeyboardInterrupt:
-        raise
+        # papermill writes the notebook after every cell: keep what ran, then let the caller stop.
+        error, interrupted = "interrupted", True
     except Exception as exc:  # the notebook's failure is the run's outcome, not ours
         error = _one_line(exc)
     html = None
@@ -97,7 +105,7 @@ def execute(
             html = render_html(ipynb)
         except Exception as exc:  # a rendering problem must not hide the run's own outcome
             error = error or f"rendering the executed notebook failed: {_one_line(exc)}"
-    return ExecutedNotebook(ipynb=ipynb, html=html, error=error)
+    return ExecutedNotebook(ipynb=ipynb, html=html, error=error, interrupted=interrupted)
 
 
 def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook) -> None:

@@ -17,6 +17,7 @@ class RunResult:
     metrics: dict[str, float]
     error: str | None
     notebook: Path
+    pruned: bool = False
 
 
 def run_training(
@@ -25,6 +26,7 @@ def run_training(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_parameters: dict[str, Any] | None = None,
+    extra_tags: dict[str, str] | None = None,
     progress_bar: bool = True,
 ) -> RunResult:
     """Create the run, execute the train notebook into it, attach the executed copy, close it.
@@ -38,6 +40,7 @@ def run_training(
     params = spec.parameters()
     tags = tracking.provenance_tags(params.get("seed"), _display(nb_path))
     tags[f"{tracking.TAG_PREFIX}spec"] = spec.name
+    tags.update(extra_tags or {})
     if spec_path is not None:
         tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
     run_id = tracking.start_run(
@@ -62,7 +65,13 @@ def run_training(
     try:
         notebook.attach(mlflow, run_id, executed)
     finally:
-        tracking.finish_run(mlflow, run_id, executed.error)
+        if executed.pruned:
+            mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}pruned", executed.error)
+            tracking.finish_run(mlflow, run_id)
+        else:
+            tracking.finish_run(mlflow, run_id, executed.error)
+    if executed.interrupted:
+        raise KeyboardInterrupt
     run = mlflow.get_run(run_id)
     return RunResult(
         run_id=run_id,
@@ -70,6 +79,7 @@ def run_training(
         metrics=dict(run.data.metrics),
         error=executed.error,
         notebook=executed.ipynb,
+        pruned=executed.pruned,
     )
 
 

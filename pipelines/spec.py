@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lightning_modules import init_parameters
 from lightning_modules.registry import DATA, DERIVED_FROM_DATA, DERIVED_FROM_MODEL, MODELS, data_class, model_class
+from pipelines.tune_spec import TuneSpec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
@@ -122,6 +123,7 @@ class Spec(_Strict):
     data: DataSpec
     optim: OptimSpec = OptimSpec()
     trainer: TrainerSpec = TrainerSpec()
+    tune: TuneSpec | None = None
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Spec:
@@ -131,6 +133,30 @@ class Spec(_Strict):
                 f"model {self.model.name!r} is for {model.task} but data {self.data.name!r} is {data.task}; "
                 f"pick a {model.task} data set ({', '.join(n for n, c in DATA.items() if c.task == model.task)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tune_fits_spec(self) -> Spec:
+        """Every searched name is a setting, every endpoint and choice a valid value for it."""
+        if self.tune is None:
+            return self
+        metrics = _metric_names(self.model.name)
+        if self.tune.metric not in metrics:
+            raise ValueError(
+                f"tune.metric {self.tune.metric!r} is not logged by {self.model.name}; known: {', '.join(metrics)}"
+            )
+        base = self.model_copy(update={"tune": None})
+        for name, dist in self.tune.space.items():
+            if name in ("model", "data"):
+                raise ValueError(f"tune.space.{name}: search one model on one data set; {name} cannot be searched")
+            for value in dist.endpoints():
+                try:
+                    base.with_overrides({name: value})
+                except SpecError as exc:
+                    raise ValueError(f"tune.space.{name}: {exc}") from None
+                except ValidationError as exc:
+                    problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"tune.space.{name}: value {value!r} is invalid: {problem}") from None
         return self
 
     @property
@@ -185,9 +211,13 @@ class Spec(_Strict):
         raise SpecError(f"--set {key}: unknown setting; known: {', '.join(known)}")
 
 
+def _metric_names(model: str) -> list[str]:
+    return [f"{split}_{m}" for split in ("val", "train", "test") for m in model_class(model).metric_names]
+
+
 def _one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "spec"
+    field = ".".join(str(part) for part in first["loc"] if part not in ("float", "int", "categorical")) or "spec"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -241,8 +271,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-# Parameters of the train notebook that say where a run is tracked, not what is trained.
-TRACKING_PARAMETERS = ("tracking_uri", "experiment_name", "run_name", "run_id", "parent_run_id", "output_dir")
+# Parameters of the train notebook that say where a run is tracked and which study trial it is,
+# not what is trained: never logged as hyperparameters.
+TRACKING_PARAMETERS = (
+    "tracking_uri",
+    "experiment_name",
+    "run_name",
+    "run_id",
+    "parent_run_id",
+    "output_dir",
+    "optuna_storage",
+    "study_name",
+    "trial_number",
+    "monitor",
+    "monitor_mode",
+)
 
 
 def hyperparameters(params: dict[str, Any]) -> dict[str, Any]:

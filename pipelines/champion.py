@@ -1,0 +1,43 @@
+"""The MLflow Model Registry step: register a model, move `champion` only on improvement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from pipelines import tracking
+
+CHAMPION = "champion"
+
+
+def promote(name: str, run_id: str, metric: str, direction: str, value: float) -> dict[str, Any]:
+    """Register the run's model under `name`; point `champion` at it only if it beats the
+    current champion on `metric`. Both values are recorded as tags on the new version."""
+    uri = tracking.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = tracking.client(uri)
+    model_uri = client.get_run(run_id).data.tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{run_id}/model")
+    version = mlflow.register_model(model_uri, name, tags={f"{tracking.TAG_PREFIX}run_id": run_id})
+    key = f"{tracking.TAG_PREFIX}{metric}"
+    client.set_model_version_tag(name, version.version, key, str(value))
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    current_value = float(current.tags[key]) if current is not None and key in current.tags else None
+    client.set_model_version_tag(
+        name, version.version, f"{tracking.TAG_PREFIX}champion_{metric}_before", str(current_value)
+    )
+    better = current_value is None or (value > current_value if direction == "maximize" else value < current_value)
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "value": value,
+        "previous_value": current_value,
+        "promoted": better,
+        "champion_version": int(version.version) if better else int(current.version),
+    }

@@ -1,0 +1,94 @@
+"""Optuna glue: storage, sampler, pruner, and what counts against a study's budget.
+
+The embedded default storage is SQLite at `mlruns/optuna.db`: one URL that `optuna studies
+--storage` and `optuna-dashboard` open unchanged, and Optuna's heartbeats (so a trial left
+RUNNING by a dead worker is failed and retried) work on it. `--storage postgresql://...`, a
+spec's `tune.storage` or `LABBOOK_OPTUNA_STORAGE` replace it with no other change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from pipelines.tune_spec import PrunerSpec, SamplerSpec
+
+STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
+HEARTBEAT_SECONDS = 10
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ID_ATTR = "mlflow_run_id"
+INTERRUPTED_ATTR = "interrupted"
+
+
+def storage_url(explicit: str | None = None) -> str:
+    """`--storage`/spec, else `LABBOOK_OPTUNA_STORAGE`, else SQLite under `./mlruns/`."""
+    if explicit:
+        return explicit
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV]
+    store = Path.cwd() / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'optuna.db'}"
+
+
+def storage(url: str, heartbeat: bool = False) -> RDBStorage:
+    """An RDB storage; the driver turns heartbeats on, a kernel reporting values does not."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    if not heartbeat:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=3 * HEARTBEAT_SECONDS,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+    )
+
+
+def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
+    startup = {} if spec.n_startup_trials is None else {"n_startup_trials": spec.n_startup_trials}
+    if spec.name == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, **startup)
+    if spec.name == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    if spec.name == "gp":
+        return optuna.samplers.GPSampler(seed=spec.seed, **startup)
+    return optuna.samplers.CmaEsSampler(seed=spec.seed, **startup)
+
+
+def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+    if spec.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
+    if spec.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=spec.min_resource, reduction_factor=spec.reduction_factor
+        )
+    if spec.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1 if spec.min_resource == "auto" else spec.min_resource, reduction_factor=spec.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def budget_used(trials: list[FrozenTrial]) -> int:
+    """Trials that count against `n_trials`: finished, running, or failed and not being retried.
+
+    A trial failed by a dead worker's missing heartbeat is retried as a new trial; counting
+    both would cost the user a trial, so the failed original stops counting once retried.
+    """
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in trials if t.state in counted or (t.state == TrialState.FAIL and t.number not in retried))
+
+
+def counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """How many trials are in each state, by Optuna's state names."""
+    found = {state.name: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    for t in trials:
+        if t.state.name in found:
+            found[t.state.name] += 1
+    return found

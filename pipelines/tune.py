@@ -1,0 +1,431 @@
+"""`labbook tune` and `labbook worker`: an Optuna study whose every trial is an executed notebook.
+
+The driver owns the study's MLflow parent run; every trial is `run_training` with the trial's
+parameters, nested under it, while the kernel reports each epoch to the same trial through
+the shared storage (see `in_notebook.pruning_callback`). Extra workers are plain processes
+running `labbook worker` on the same storage: Optuna and MLflow do the coordination.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.table import Table
+
+from pipelines import study as studies
+from pipelines import tracking
+from pipelines.run import run_training
+from pipelines.spec import Spec, SpecError
+from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
+
+TRIAL_STATE_TAG = f"{tracking.TAG_PREFIX}trial_state"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TrialFailed(Exception):
+    """The trial's notebook failed; Optuna records the trial as FAIL and the study goes on."""
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    storage: str
+    parent_run_id: str
+    counts: dict[str, int]
+    best_value: float | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_run_id: str | None = None
+    summary: pd.DataFrame | None = None
+    champion: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything a worker needs to run trials of one study."""
+
+    spec: Spec
+    spec_path: Path | None
+    name: str
+    storage_url: str
+    n_trials: int | None
+    timeout: float | None
+
+    @property
+    def tune(self) -> TuneSpec:
+        assert self.spec.tune is not None
+        return self.spec.tune
+
+    def load(self, heartbeat: bool = True) -> optuna.Study:
+        return optuna.load_study(
+            study_name=self.name,
+            storage=studies.storage(self.storage_url, heartbeat=heartbeat),
+            sampler=studies.sampler(self.tune.sampler),
+            pruner=studies.pruner(self.tune.pruner),
+        )
+
+
+def open_study(
+    spec: Spec,
+    spec_path: Path | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+) -> Study:
+    """Resolve the study's budget, storage and name from flags, then the spec, then defaults."""
+    if spec.tune is None:
+        raise SpecError(f"{spec_path or spec.name}: tune: the spec has no tune: section to search with")
+    tune = spec.tune
+    if n_trials is None and timeout is None:
+        n_trials, timeout = tune.n_trials, tune.timeout
+    url = studies.storage_url(storage or tune.storage)
+    return Study(spec, spec_path, study_name or tune.study_name or spec.name, url, n_trials, timeout)
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _suggest(trial: optuna.Trial, name: str, dist: FloatRange | IntRange | Categorical) -> Any:
+    if isinstance(dist, FloatRange):
+        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    if isinstance(dist, IntRange):
+        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
+    return dist.decode(trial.suggest_categorical(name, dist.encoded()))
+
+
+def _best(values: list[float], direction: str) -> float:
+    return max(values) if direction == "maximize" else min(values)
+
+
+def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
+    """The study's MLflow parent run: made once, found again through the study on resume."""
+    mlflow = tracking.client()
+    parent_id = created.user_attrs.get(studies.PARENT_RUN_ATTR)
+    if parent_id:
+        try:
+            mlflow.update_run(parent_id, status="RUNNING")
+            return parent_id
+        except Exception:  # the run was deleted from MLflow: start a new parent
+            pass
+    tune = handle.tune
+    parent_id = tracking.start_run(
+        mlflow,
+        handle.spec.experiment_name,
+        run_name=f"study:{handle.name}",
+        tags={
+            f"{tracking.TAG_PREFIX}kind": "study",
+            f"{tracking.TAG_PREFIX}study_name": handle.name,
+            f"{tracking.TAG_PREFIX}storage": _redact(handle.storage_url),
+            f"{tracking.TAG_PREFIX}spec": handle.spec.name,
+            **tracking.provenance_tags(handle.spec.trainer.seed, handle.spec.notebook),
+        },
+    )
+    params: dict[str, Any] = {f"space.{k}": v for k, v in tune.describe_space().items()}
+    params |= {
+        "metric": tune.metric,
+        "direction": tune.direction,
+        "sampler": tune.sampler.name,
+        "sampler_seed": tune.sampler.seed,
+        "pruner": tune.pruner.name,
+        **{f"pruner.{k}": v for k, v in tune.pruner.model_dump().items() if k != "name"},
+        "n_trials": handle.n_trials,
+        "timeout": handle.timeout,
+    }
+    tracking.log_params(mlflow, parent_id, params)
+    created.set_user_attr(studies.PARENT_RUN_ATTR, parent_id)
+    return parent_id
+
+
+def create(handle: Study) -> tuple[optuna.Study, str]:
+    """Create or resume the study, record its pruner and metric on it, and open the parent run."""
+    tune = handle.tune
+    created = optuna.create_study(
+        study_name=handle.name,
+        storage=studies.storage(handle.storage_url, heartbeat=True),
+        sampler=studies.sampler(tune.sampler),
+        pruner=studies.pruner(tune.pruner),
+        direction=tune.direction,
+        load_if_exists=True,
+    )
+    if created.direction.name.lower() != tune.direction:
+        raise SpecError(
+            f"tune.direction: study {handle.name!r} already exists with direction "
+            f"{created.direction.name.lower()}; use another --study-name"
+        )
+    # Kernels (on any machine) rebuild the pruner and read the metric from the study itself.
+    created.set_user_attr("pruner", tune.pruner.model_dump())
+    created.set_user_attr("metric", tune.metric)
+    optuna.storages.fail_stale_trials(created)
+    return created, _ensure_parent_run(handle, created)
+
+
+class _Worker:
+    """Runs trials of one study until its budget is spent; prints a progress line per trial."""
+
+    def __init__(self, handle: Study, parent_run_id: str, console: Console | None) -> None:
+        self.handle = handle
+        self.parent_run_id = parent_run_id
+        self.console = console
+        self.mlflow = tracking.client()
+
+    def budget_left(self, study: optuna.Study) -> int | None:
+        if self.handle.n_trials is None:
+            return None
+        return self.handle.n_trials - studies.budget_used(study.get_trials(deepcopy=False))
+
+    def objective(self, trial: optuna.Trial) -> float:
+        tune = self.handle.tune
+        values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
+        spec = self.handle.spec.with_overrides(values)
+        n = trial.number + 1
+        if self.console:
+            total = self.handle.n_trials or "?"
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            self.console.print(f"[dim]trial {n}/{total} started: {shown}[/dim]")
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            result = self._run(trial, spec)
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted")
+            trial.set_user_attr(studies.INTERRUPTED_ATTR, True)
+            raise
+        trial.set_user_attr(studies.RUN_ID_ATTR, result.run_id)
+        if result.pruned:
+            self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "PRUNED")
+            raise optuna.TrialPruned(result.error)
+        if result.error:
+            return self._fail(trial, result.run_id, result.error)
+        history = self.mlflow.get_metric_history(result.run_id, tune.metric)
+        values_seen = [m.value for m in history if not math.isnan(m.value)]
+        if not values_seen:
+            return self._fail(trial, result.run_id, f"metric {tune.metric!r} was never logged (or only NaN)")
+        self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "COMPLETE")
+        return _best(values_seen, tune.direction)
+
+    def _run(self, trial: optuna.Trial, spec: Spec):
+        tune = self.handle.tune
+        return run_training(
+            spec,
+            self.handle.spec_path,
+            parent_run_id=self.parent_run_id,
+            run_name=f"{self.handle.name}-trial-{trial.number}",
+            extra_parameters={
+                "optuna_storage": self.handle.storage_url,
+                "study_name": self.handle.name,
+                "trial_number": trial.number,
+                "monitor": tune.metric,
+                "monitor_mode": "max" if tune.direction == "maximize" else "min",
+            },
+            extra_tags={
+                f"{tracking.TAG_PREFIX}study_name": self.handle.name,
+                f"{tracking.TAG_PREFIX}trial_number": str(trial.number),
+                TRIAL_STATE_TAG: "RUNNING",
+            },
+            progress_bar=False,
+        )
+
+    def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
+        trial.set_user_attr("error", error)
+        self.mlflow.set_tag(run_id, TRIAL_STATE_TAG, "FAIL")
+        self.mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}error", error)
+        raise TrialFailed(error)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        left = self.budget_left(study)
+        if left is not None and left <= 0:
+            study.stop()
+        if self.console:
+            self.console.print(progress_line(study, self.handle))
+
+    def run(self, timeout: float | None) -> None:
+        study = self.handle.load()
+        left = self.budget_left(study)
+        if left is not None and left <= 0:
+            return
+        study.optimize(
+            self.objective,
+            n_trials=None,
+            timeout=timeout,
+            catch=(TrialFailed,),
+            callbacks=[self.after_trial],
+            gc_after_trial=False,
+        )
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def progress_line(study: optuna.Study, handle: Study) -> str:
+    """`trial 5/12 · 3 complete, 1 pruned, 0 failed, 1 running · best val_acc 0.9630 (lr=0.0031)`."""
+    trials = study.get_trials(deepcopy=False)
+    found = studies.counts(trials)
+    done = found["COMPLETE"] + found["PRUNED"] + found["FAIL"]
+    line = (
+        f"trial {done}/{handle.n_trials or '?'} · {found['COMPLETE']} complete, {found['PRUNED']} pruned, "
+        f"{found['FAIL']} failed, {found['RUNNING']} running"
+    )
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        line += f" · best {handle.tune.metric} {best.value:.4f} (trial {best.number}: {shown})"
+    return line
+
+
+def run_worker(handle: Study, console: Console | None = None) -> None:
+    """Join an existing study and run its trials until its budget is spent (`labbook worker`)."""
+    study = handle.load()
+    parent = study.user_attrs.get(studies.PARENT_RUN_ATTR)
+    if not parent:
+        raise SpecError(f"study {handle.name!r} has no MLflow parent run yet: start it with `labbook tune` first")
+    _Worker(handle, parent, console).run(handle.timeout)
+
+
+def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:
+    """`count` more `labbook worker` processes on the same storage, each with its share of threads."""
+    if count <= 0:
+        return []
+    if handle.spec_path is None:
+        raise SpecError("--workers needs the spec file path")
+    command = [
+        str(Path(sys.executable).with_name("labbook")),
+        "worker",
+        str(handle.spec_path),
+        "--storage",
+        handle.storage_url,
+        "--study-name",
+        handle.name,
+        "--quiet",
+    ]
+    if handle.n_trials is not None:
+        command += ["--n-trials", str(handle.n_trials)]
+    if handle.timeout is not None:
+        command += ["--timeout", str(handle.timeout)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def tune(
+    handle: Study,
+    workers: int = 1,
+    register: bool = True,
+    console: Console | None = None,
+) -> StudyResult:
+    """Run (or resume) the study to its budget with `workers` processes, then summarize it."""
+    created, parent = create(handle)
+    mlflow = tracking.client()
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # kernels inherit it: no oversubscription
+    if console:
+        console.print(f"study {handle.name!r} on {_redact(handle.storage_url)}; MLflow parent run {parent}")
+        console.print(progress_line(created, handle))
+    started = time.monotonic()
+    others = _worker_processes(handle, workers - 1)
+    interrupted = False
+    try:
+        _Worker(handle, parent, console).run(handle.timeout)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        for process in others:
+            if interrupted:
+                process.terminate()
+            process.wait()
+        result = summarize(handle, parent, mlflow, register=register and not interrupted)
+        mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
+        tracking.finish_run(mlflow, parent, "interrupted" if interrupted else None)
+    if console:
+        print_summary(console, handle, result)
+    return result
+
+
+def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool = True) -> StudyResult:
+    """Counts and best value on the parent run, the trials table as CSV, the champion."""
+    study = handle.load(heartbeat=False)
+    trials = study.get_trials(deepcopy=False)
+    found = studies.counts(trials)
+    result = StudyResult(handle.name, handle.storage_url, parent, found, summary=trials_table(study))
+    mlflow.log_batch(
+        parent,
+        metrics=[_metric(f"n_{state.lower()}", n) for state, n in found.items() if state != "RUNNING"],
+    )
+    if found["COMPLETE"]:
+        best = study.best_trial
+        result.best_value, result.best_params = best.value, best.params
+        result.best_run_id = best.user_attrs.get(studies.RUN_ID_ATTR)
+        mlflow.log_metric(parent, "best_value", best.value)
+        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}best_trial", str(best.number))
+        if result.best_run_id:
+            mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}best_run_id", result.best_run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "study_summary.csv"
+        result.summary.to_csv(path, index=False)
+        mlflow.log_artifact(parent, str(path), "tables")
+    if register and result.best_run_id is not None:
+        from pipelines.champion import promote
+
+        result.champion = promote(
+            handle.spec.name, result.best_run_id, handle.tune.metric, handle.tune.direction, result.best_value
+        )
+    return result
+
+
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, parameters, duration, MLflow run id."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                **{k: v for k, v in t.params.items()},
+                "duration_s": round(duration, 1) if duration is not None else None,
+                "run_id": t.user_attrs.get(studies.RUN_ID_ATTR),
+                "error": t.user_attrs.get("error"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def print_summary(console: Console, handle: Study, result: StudyResult) -> None:
+    table = Table(title=f"study {handle.name}: {handle.tune.direction} {handle.tune.metric}")
+    frame = result.summary if result.summary is not None else pd.DataFrame()
+    columns = [c for c in frame.columns if c not in ("run_id", "error")]
+    for column in columns:
+        table.add_column(column)
+    for _, row in frame.iterrows():
+        table.add_row(*(_fmt(row[c]) if row[c] is not None else "" for c in columns))
+    console.print(table)
+    if result.best_value is not None:
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best_params.items())
+        console.print(f"best {handle.tune.metric} {result.best_value:.4f}: {shown}  (run {result.best_run_id})")
+    if result.champion:
+        c = result.champion
+        moved = "moved to" if c["promoted"] else "stays on"
+        console.print(f"registered {c['name']} v{c['version']}; alias champion {moved} v{c['champion_version']}")
