@@ -24,7 +24,7 @@ class ExecutedNotebook:
     ipynb: Path
     html: Path | None
     error: str | None  # one line; None when every cell ran
-    interrupted: bool = False  # Ctrl-C / SIGTERM reached us while the notebook ran
+    interrupted: KeyboardInterrupt | None = None  # Ctrl-C / SIGTERM reached us while it ran
 
     @property
     def ok(self) -> bool:
@@ -84,7 +84,7 @@ def execute(
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb = output_dir / notebook.name
     error: str | None = None
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -94,9 +94,9 @@ def execute(
             cwd=str(cwd or Path.cwd()),
             progress_bar=progress_bar,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # papermill writes the notebook after every cell: keep what ran, then let the caller stop.
-        error, interrupted = "interrupted", True
+        error, interrupted = "interrupted", exc
     except Exception as exc:  # the notebook's failure is the run's outcome, not ours
         error = _one_line(exc)
     html = None

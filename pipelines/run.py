@@ -71,7 +71,7 @@ def run_training(
         else:
             tracking.finish_run(mlflow, run_id, executed.error)
     if executed.interrupted:
-        raise KeyboardInterrupt
+        raise executed.interrupted
     run = mlflow.get_run(run_id)
     return RunResult(
         run_id=run_id,

@@ -75,14 +75,20 @@ def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
 
 
 def budget_used(trials: list[FrozenTrial]) -> int:
-    """Trials that count against `n_trials`: finished, running, or failed and not being retried.
+    """Trials that count against `n_trials`: finished, running, or failed by their own doing.
 
-    A trial failed by a dead worker's missing heartbeat is retried as a new trial; counting
-    both would cost the user a trial, so the failed original stops counting once retried.
+    A trial failed by a dead worker's missing heartbeat is retried as a new trial, and one cut
+    short by Ctrl-C/SIGTERM is run again on resume: neither should cost the user a trial.
     """
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in trials if t.state in counted or (t.state == TrialState.FAIL and t.number not in retried))
+
+    def counts_against(t: FrozenTrial) -> bool:
+        if t.state in counted:
+            return True
+        return t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get(INTERRUPTED_ATTR)
+
+    return sum(1 for t in trials if counts_against(t))
 
 
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:

@@ -1,0 +1,278 @@
+"""Optuna studies of notebook trials, on a real SQLite storage and real notebook execution."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import nbformat
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipelines.champion import promote
+from pipelines.spec import PROJECT_ROOT, SpecError, load_spec
+from tests.conftest import LABBOOK, labbook
+
+SPECS = PROJECT_ROOT / "pipelines"
+
+
+@pytest.fixture
+def optuna_url(store: str, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+
+
+def runs_of(uri: str, experiment: str) -> tuple[MlflowClient, list, list]:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("labbook.kind") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def write_spec(tmp_path: Path, raw: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_known_answer_and_the_mlflow_layout_of_a_study(store: str, optuna_url: str) -> None:
+    done = labbook("tune", str(SPECS / "regression_tune.yaml"), "--n-trials", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trial 4/4 · " in done.stdout and "best val_r2" in done.stdout
+
+    study = optuna.load_study(study_name="regression_tune", storage=optuna_url)
+    assert len(study.trials) == 4
+    assert study.best_value >= 0.90  # TPE, seeded, finds R² ≥ 0.9 well within 12 trials
+
+    client, parents, children = runs_of(store, "regression-tune")
+    [parent] = parents
+    assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.lr"] == "float [1e-05, 1] log"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
+    assert parent.data.params["n_trials"] == "4" and parent.data.params["metric"] == "val_r2"
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["n_complete"] + parent.data.metrics["n_pruned"] + parent.data.metrics["n_fail"] == 4
+    assert parent.data.tags["labbook.study_name"] == "regression_tune"
+    assert parent.data.tags["labbook.storage"] == optuna_url
+    assert "tables/study_summary.csv" in [a.path for a in client.list_artifacts(parent.info.run_id, "tables")]
+
+    by_number = {int(c.data.tags["labbook.trial_number"]): c for c in children}
+    assert sorted(by_number) == [0, 1, 2, 3]
+    for trial in study.trials:
+        child = by_number[trial.number]
+        assert child.data.tags["labbook.trial_state"] == trial.state.name
+        assert float(child.data.params["lr"]) == pytest.approx(trial.params["lr"])
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        notebook = {a.path for a in client.list_artifacts(child.info.run_id, "notebook")}
+        assert notebook == {"notebook/train.ipynb", "notebook/train.html"}
+        epochs = len(client.get_metric_history(child.info.run_id, "val_r2"))
+        assert epochs == 15 if trial.state.name == "COMPLETE" else 0 < epochs < 15
+
+    # The best model is registered and is the champion.
+    version = client.get_model_version_by_alias("regression_tune", "champion")
+    assert version.tags["labbook.run_id"] == study.best_trial.user_attrs["mlflow_run_id"]
+    assert float(version.tags["labbook.val_r2"]) == pytest.approx(study.best_value)
+
+    # Optuna's own tools read the embedded storage as it is.
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    listed = subprocess.run([str(optuna_cli), "studies", "--storage", optuna_url], capture_output=True, text=True)
+    assert listed.returncode == 0 and "regression_tune" in listed.stdout
+
+
+def test_a_pruned_trial_stops_early_and_says_so(store: str, optuna_url: str, tmp_path: Path) -> None:
+    raw = {
+        "name": "prune_demo",
+        "experiment": "prune",
+        "model": {"name": "mlp_classifier", "hidden_sizes": [32]},
+        "data": {"name": "digits"},
+        "optim": {"optimizer": "sgd", "lr": 0.01},
+        "trainer": {"max_epochs": 8, "accelerator": "cpu", "enable_progress_bar": False},
+        "tune": {
+            "metric": "val_acc",
+            "direction": "maximize",
+            "n_trials": 3,
+            "sampler": {"name": "random", "seed": 3},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
+            "space": {"lr": {"type": "float", "low": 1e-5, "high": 0.5, "log": True}},
+        },
+    }
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="prune_demo", storage=optuna_url)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [(t.number, t.state) for t in study.trials]
+
+    client = MlflowClient(store)
+    run = client.get_run(pruned[0].user_attrs["mlflow_run_id"])
+    assert run.data.tags["labbook.trial_state"] == "PRUNED"
+    assert run.data.tags["labbook.pruned"].startswith("TrialPruned: Trial was pruned at epoch")
+    assert run.info.status == "FINISHED"  # pruning is an outcome, not a failure
+    epochs = len(client.get_metric_history(run.info.run_id, "val_acc"))
+    assert epochs < 8 and epochs == len(pruned[0].intermediate_values)
+
+    executed = nbformat.read(client.download_artifacts(run.info.run_id, "notebook/train.ipynb"), as_version=4)
+    errors = [
+        o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
+    assert errors[0]["ename"] == "TrialPruned" and f"epoch {epochs - 1}" in errors[0]["evalue"]
+
+
+def count_complete(url: str, name: str) -> int:
+    try:
+        trials = optuna.load_study(study_name=name, storage=url).trials
+    except KeyError:
+        return 0
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_an_interrupted_study_resumes_to_exactly_its_budget(store: str, optuna_url: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["trainer"]["max_epochs"] = 3
+    raw["tune"]["pruner"] = "none"
+    spec = write_spec(tmp_path, raw)
+    command = [str(LABBOOK), "tune", str(spec), "--n-trials", "4", "--no-register"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while count_complete(optuna_url, "regression_tune") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # well inside the third trial
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert count_complete(optuna_url, "regression_tune") == 2
+
+    done = labbook("tune", str(spec), "--n-trials", "4", "--no-register")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 4, states
+    interrupted = [t for t in trials if t.state.name == "FAIL"]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["error"] == "interrupted"
+
+    client, parents, children = runs_of(store, "regression-tune")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent run, resumed
+    assert len(children) == 5
+    cut = client.get_run(
+        interrupted[0].user_attrs.get("mlflow_run_id")
+        or next(c.info.run_id for c in children if c.data.tags["labbook.trial_number"] == str(interrupted[0].number))
+    )
+    assert cut.info.status == "FAILED" and cut.data.tags["labbook.error"] == "interrupted"
+    assert "notebook/train.ipynb" in [a.path for a in client.list_artifacts(cut.info.run_id, "notebook")]
+
+
+def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["trainer"]["max_epochs"] = 3
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--n-trials", "4", "--workers", "2", "--no-register")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
+    assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes ran trials
+    _, parents, children = runs_of(store, "regression-tune")
+    assert len(parents) == 1 and len(children) == 4
+    assert sorted(int(c.data.tags["labbook.trial_number"]) for c in children) == [0, 1, 2, 3]
+
+
+BAD_SPACES = [
+    ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, "tune.space.lr: empty range: low (0.1) must be below high"),
+    ({"lr": {"type": "float", "low": 0.1, "high": 0.1}}, "tune.space.lr: empty range"),
+    (
+        {"lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}},
+        "tune.space.lr: log scale needs low > 0, got 0.0",
+    ),
+    ({"fc_hidden": {"type": "int", "low": 8, "high": 4}}, "tune.space.fc_hidden: empty range"),
+    (
+        {"optimizer": {"type": "categorical", "choices": []}},
+        "tune.space.optimizer.choices: List should have at least 1",
+    ),
+    (
+        {"optimizer": {"type": "categorical", "choices": ["adam", "lamb"]}},
+        "tune.space.optimizer: value 'lamb' is invalid",
+    ),
+    ({"dropout": {"type": "float", "low": 0.0, "high": 1.0}}, "tune.space.dropout: value 1.0 is invalid"),
+    ({"lr": {"type": "uniform", "low": 0.0, "high": 1.0}}, "tune.space.lr: Input tag 'uniform' found using 'type'"),
+    ({"lrate": {"type": "float", "low": 0.1, "high": 1.0}}, "tune.space.lrate: --set lrate: unknown setting"),
+]
+
+
+@pytest.mark.parametrize(("space", "expected"), BAD_SPACES)
+def test_invalid_search_spaces_are_one_line_errors(tmp_path: Path, space: dict, expected: str) -> None:
+    raw = yaml.safe_load((SPECS / "digits_cnn.yaml").read_text())
+    raw["tune"] = {"metric": "val_acc", "direction": "maximize", "n_trials": 2, "space": space}
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(tmp_path, raw))
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("tune", "expected"),
+    [
+        ({"sampler": "annealing"}, "tune.sampler.name: got 'annealing'; input should be 'tpe', 'random', 'gp' or"),
+        ({"sampler": "cmaes"}, "sampler 'cmaes' needs the cmaes package"),
+        ({"pruner": "patient"}, "tune.pruner.name: got 'patient'"),
+        ({"metric": "val_r2"}, "tune.metric 'val_r2' is not logged by cnn; known: val_loss, val_acc"),
+        ({"direction": "up"}, "tune.direction: got 'up'"),
+        ({"n_trials": None}, "set n_trials and/or timeout"),
+    ],
+)
+def test_invalid_tune_settings_are_one_line_errors(tmp_path: Path, tune: dict, expected: str) -> None:
+    raw = yaml.safe_load((SPECS / "digits_cnn.yaml").read_text())
+    raw["tune"] = {
+        "metric": "val_acc",
+        "direction": "maximize",
+        "n_trials": 2,
+        "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}},
+    } | tune
+    if tune.get("sampler") == "cmaes" and __import__("importlib").util.find_spec("cmaes"):
+        pytest.skip("cmaes is installed here")
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(tmp_path, raw))
+    assert expected in str(caught.value)
+
+
+def test_invalid_space_on_the_command_line_exits_2_with_no_study_and_no_run(tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["tune"]["space"]["lr"]["low"] = -1.0
+    done = labbook("tune", str(write_spec(tmp_path, raw)), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("tune.space.lr: log scale needs low > 0, got -1.0")
+    assert not (tmp_path / "mlruns").exists()
+
+
+def tiny_model_run(experiment: str) -> str:
+    with mlflow.start_run(experiment_id=mlflow.set_experiment(experiment).experiment_id) as run:
+        info = mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="model", input_example=np.zeros((1, 2), np.float32))
+        mlflow.set_tag("labbook.model_uri", info.model_uri)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_champion_moves_only_on_improvement(store: str, direction: str) -> None:
+    mlflow.set_tracking_uri(store)
+    sign = 1 if direction == "maximize" else -1
+    first = promote("m", tiny_model_run("e"), "val_acc", direction, 0.80 * sign)
+    assert first["promoted"] and first["previous_value"] is None
+    worse = promote("m", tiny_model_run("e"), "val_acc", direction, 0.70 * sign)
+    assert not worse["promoted"] and worse["champion_version"] == first["version"]
+    better = promote("m", tiny_model_run("e"), "val_acc", direction, 0.90 * sign)
+    assert better["promoted"] and better["previous_value"] == pytest.approx(0.80 * sign)
+
+    client = MlflowClient(store)
+    champion = client.get_model_version_by_alias("m", "champion")
+    assert int(champion.version) == better["version"] == 3
+    assert float(champion.tags["labbook.val_acc"]) == pytest.approx(0.90 * sign)
+    assert float(champion.tags["labbook.champion_val_acc_before"]) == pytest.approx(0.80 * sign)
+    assert client.get_model_version("m", str(worse["version"])).tags["labbook.champion_val_acc_before"] == str(
+        0.80 * sign
+    )
