@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
 err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
@@ -126,6 +126,10 @@ def tune(
     study_name: StudyOpt = None,
     set_: SetOpt = None,
     register: Annotated[bool, typer.Option(help="Register the best model; move `champion` if it is better.")] = True,
+    confirm_top: Annotated[
+        int, typer.Option(min=0, help="Re-run the K best configurations with fresh seeds; choose by the mean.")
+    ] = 0,
+    seeds: Annotated[int, typer.Option(min=2, help="Seeds per configuration for --confirm-top.")] = 3,
 ) -> None:
     """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
     from pipelines.tune import tune as run_study
@@ -133,11 +137,16 @@ def tune(
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
     _stop_on_sigterm()
     try:
-        run_study(handle, workers=workers, register=register, console=out)
+        result = run_study(
+            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds
+        )
     except SpecError as exc:
         raise _fail(str(exc)) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
+    if result.counts["COMPLETE"] == 0:
+        errors = result.summary["error"].dropna() if result.summary is not None and len(result.summary) else []
+        raise _fail(f"no trial completed; first error: {errors.iloc[0] if len(errors) else 'none recorded'}", code=1)
 
 
 @app.command()

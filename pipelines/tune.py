@@ -109,6 +109,15 @@ def _suggest(trial: optuna.Trial, name: str, dist: FloatRange | IntRange | Categ
     return dist.decode(trial.suggest_categorical(name, dist.encoded()))
 
 
+def decoded_params(tune: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's params as settings (a categorical list choice back from its JSON text)."""
+    return {
+        name: tune.space[name].decode(value) if isinstance(tune.space[name], Categorical) else value
+        for name, value in params.items()
+        if name in tune.space
+    }
+
+
 def _best(values: list[float], direction: str) -> float:
     return max(values) if direction == "maximize" else min(values)
 
@@ -327,6 +336,8 @@ def tune(
     workers: int = 1,
     register: bool = True,
     console: Console | None = None,
+    confirm_top: int = 0,
+    seeds: int = 3,
 ) -> StudyResult:
     """Run (or resume) the study to its budget with `workers` processes, then summarize it."""
     created, parent = create(handle)
@@ -349,6 +360,10 @@ def tune(
             if interrupted:
                 process.terminate()
             process.wait()
+        if not interrupted and confirm_top > 0:
+            _confirm(handle, parent, mlflow, confirm_top, seeds, console)
+        elif not interrupted:
+            created.set_user_attr("best_by_mean", None)  # an earlier confirmation predates these trials
         result = summarize(handle, parent, mlflow, register=register and not interrupted)
         mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
         tracking.finish_run(mlflow, parent, "interrupted" if interrupted else None)
@@ -379,13 +394,71 @@ def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool =
         path = Path(tmp) / "study_summary.csv"
         result.summary.to_csv(path, index=False)
         mlflow.log_artifact(parent, str(path), "tables")
-    if register and result.best_run_id is not None:
+    # With --confirm-top, the champion candidate is the best configuration by its mean over seeds.
+    by_mean = study.user_attrs.get("best_by_mean")
+    candidate = (by_mean["run_id"], by_mean["mean"]) if by_mean else (result.best_run_id, result.best_value)
+    if register and candidate[0] is not None:
         from pipelines.champion import promote
 
         result.champion = promote(
-            handle.spec.name, result.best_run_id, handle.tune.metric, handle.tune.direction, result.best_value
+            handle.spec.name, candidate[0], handle.tune.metric, handle.tune.direction, candidate[1]
         )
     return result
+
+
+def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: int, console: Console | None) -> None:
+    """Re-run the top-k configurations with `n_seeds` fresh seeds each (see `pipelines.confirm`)."""
+    from pipelines import confirm
+
+    study = handle.load(heartbeat=False)
+    tune = handle.tune
+    seeds = [handle.spec.trainer.seed + 1 + i for i in range(n_seeds)]
+
+    def run_one(trial: optuna.trial.FrozenTrial, seed: int):
+        spec = handle.spec.with_overrides({**decoded_params(tune, trial.params), "seed": seed})
+        if console:
+            console.print(f"[dim]confirming trial {trial.number} with seed {seed}[/dim]")
+        result = run_training(
+            spec,
+            handle.spec_path,
+            parent_run_id=parent,
+            run_name=f"{handle.name}-trial-{trial.number}-seed-{seed}",
+            extra_parameters={"monitor": tune.metric, "monitor_mode": "max" if tune.direction == "maximize" else "min"},
+            extra_tags={
+                f"{tracking.TAG_PREFIX}study_name": handle.name,
+                f"{tracking.TAG_PREFIX}confirms_trial": str(trial.number),
+                f"{tracking.TAG_PREFIX}kind": "confirm",
+            },
+            progress_bar=False,
+        )
+        if result.error:
+            return result, None
+        history = [m.value for m in mlflow.get_metric_history(result.run_id, tune.metric) if not math.isnan(m.value)]
+        return result, (_best(history, tune.direction) if history else None)
+
+    confirmed = confirm.confirm(study.get_trials(deepcopy=False), k, seeds, tune.direction, run_one)
+    confirm.log_to_parent(mlflow, parent, confirmed, tune.metric)
+    frame = confirm.table(confirmed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "confirm_top.csv"
+        frame.to_csv(path, index=False)
+        mlflow.log_artifact(parent, str(path), "tables")
+    if confirmed:
+        best = confirmed[0]
+        # The registered model is the best-by-mean configuration's run closest to its mean.
+        values = dict(zip(best.run_ids, best.values, strict=False))
+        run_id = min(values, key=lambda r: abs(values[r] - best.mean))
+        study.set_user_attr(
+            "best_by_mean", {"trial": best.trial, "mean": best.mean, "ci95": best.ci95, "run_id": run_id}
+        )
+    if console:
+        table = Table(title=f"top {k} configurations over seeds {seeds}: {tune.metric} mean ± 95% interval")
+        for column in ("trial", "params", "mean ± ci95", "values"):
+            table.add_column(column)
+        for c in confirmed:
+            shown = ", ".join(f"{n}={_fmt(v)}" for n, v in c.params.items())
+            table.add_row(str(c.trial), shown, f"{c.mean:.4f} ± {c.ci95:.4f}", ", ".join(f"{v:.4f}" for v in c.values))
+        console.print(table)
 
 
 def _metric(key: str, value: float):

@@ -276,3 +276,49 @@ def test_champion_moves_only_on_improvement(store: str, direction: str) -> None:
     assert client.get_model_version("m", str(worse["version"])).tags["labbook.champion_val_acc_before"] == str(
         0.80 * sign
     )
+
+
+def test_confirm_top_reruns_with_fresh_seeds_and_picks_the_champion_by_mean(store: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["trainer"]["max_epochs"] = 3
+    raw["tune"]["pruner"] = "none"
+    spec = write_spec(tmp_path, raw)
+    done = labbook("tune", str(spec), "--n-trials", "2", "--confirm-top", "1", "--seeds", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean ± 95% interval" in done.stdout
+
+    client, [parent], children = runs_of(store, "regression-tune")
+    confirms = [c for c in children if c.data.tags.get("labbook.kind") == "confirm"]
+    assert len(children) == 4 and len(confirms) == 2
+    assert sorted(c.data.params["seed"] for c in confirms) == ["43", "44"]  # fresh seeds, spec seed is 42
+    trial = confirms[0].data.tags["labbook.confirms_trial"]
+    values = [max(m.value for m in client.get_metric_history(c.info.run_id, "val_r2")) for c in confirms]
+    mean = parent.data.metrics[f"confirm_trial{trial}_val_r2_mean"]
+    assert mean == pytest.approx(sum(values) / 2)
+    assert parent.data.metrics[f"confirm_trial{trial}_val_r2_ci95"] == pytest.approx(
+        12.706 * abs(values[0] - values[1]) / 2, rel=1e-3
+    )  # t(0.975, 1) · s / √2, with s = |a − b| / √2
+    assert "tables/confirm_top.csv" in [a.path for a in client.list_artifacts(parent.info.run_id, "tables")]
+    champion = client.get_model_version_by_alias("regression_tune", "champion")
+    assert champion.tags["labbook.run_id"] in {c.info.run_id for c in confirms}
+    assert float(champion.tags["labbook.val_r2"]) == pytest.approx(mean)
+
+
+def test_a_failing_notebook_fails_its_trial_and_the_study_goes_on(store: str, optuna_url: str, tmp_path: Path) -> None:
+    from tests.test_run import failing_notebook
+
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["notebook"] = str(failing_notebook(tmp_path))
+    raw["trainer"]["max_epochs"] = 1
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--n-trials", "2")
+    assert done.returncode == 1
+    assert "error: no trial completed; first error: RuntimeError: evaluation exploded (cell " in done.stderr
+    trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # the second trial ran after the first failed
+    client = MlflowClient(store)
+    for trial in trials:
+        assert trial.user_attrs["error"].startswith("RuntimeError: evaluation exploded")
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["labbook.trial_state"] == "FAIL"
+        assert run.data.tags["labbook.error"] == trial.user_attrs["error"]
+        assert "notebook/failing.ipynb" in [a.path for a in client.list_artifacts(run.info.run_id, "notebook")]
