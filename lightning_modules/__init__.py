@@ -1,7 +1,6 @@
 """Plain PyTorch Lightning models and data modules: no MLflow, Optuna or papermill here."""
 
 from lightning_modules.base import OPTIMIZERS, SCHEDULERS, TrainableModule
-from lightning_modules.callbacks import MetricsHistory
 from lightning_modules.data import DigitsDataModule, RegressionDataModule, fingerprint
 from lightning_modules.models import CNN, MLPClassifier, MLPRegressor
 from lightning_modules.registry import (
@@ -23,7 +22,6 @@ __all__ = [
     "DigitsDataModule",
     "MLPClassifier",
     "MLPRegressor",
-    "MetricsHistory",
     "RegressionDataModule",
     "TrainableModule",
     "build_data",

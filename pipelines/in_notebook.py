@@ -85,6 +85,25 @@ def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
     logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
 
 
+def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "val_")) -> Any:
+    """Per-epoch metrics as MLflow recorded them: one row per epoch, one column per metric.
+
+    Read back from the store rather than from callbacks, so it is the same under DDP (where
+    training runs in other processes) and is exactly what the MLflow UI shows.
+    """
+    import pandas as pd
+
+    client, run_id = logger.experiment, logger.run_id
+    names = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefixes)]
+    columns = {}
+    for name in names:
+        history = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        columns[name] = pd.Series([m.value for m in history])
+    frame = pd.DataFrame(columns)
+    frame.index.name = "epoch"
+    return frame
+
+
 def log_figure(logger: MLFlowLogger, figure: Any, name: str) -> None:
     """Attach a matplotlib figure as `plots/<name>.png`."""
     logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
@@ -126,6 +145,7 @@ __all__ = [
     "notebook_parameters",
     "pruning_callback",
     "log_figure",
+    "metrics_frame",
     "log_model",
     "log_table",
     "mlflow_logger",

@@ -322,3 +322,49 @@ def test_a_failing_notebook_fails_its_trial_and_the_study_goes_on(store: str, op
         assert run.info.status == "FAILED" and run.data.tags["labbook.trial_state"] == "FAIL"
         assert run.data.tags["labbook.error"] == trial.user_attrs["error"]
         assert "notebook/failing.ipynb" in [a.path for a in client.list_artifacts(run.info.run_id, "notebook")]
+
+
+def test_ddp_inside_a_trial_reports_from_rank_0_and_prunes_every_rank(
+    store: str, optuna_url: str, tmp_path: Path
+) -> None:
+    raw = {
+        "name": "ddp_demo",
+        "experiment": "ddp",
+        "model": {"name": "mlp_classifier", "hidden_sizes": [32]},
+        "data": {"name": "digits"},
+        "optim": {"optimizer": "sgd", "lr": 0.01},
+        # Two CPU processes per trial; in a Jupyter kernel Lightning's DDP is the fork-based one.
+        "trainer": {
+            "max_epochs": 6,
+            "accelerator": "cpu",
+            "devices": 2,
+            "strategy": "ddp_notebook",
+            "enable_progress_bar": False,
+        },
+        "tune": {
+            "metric": "val_acc",
+            "direction": "maximize",
+            "n_trials": 3,
+            "sampler": {"name": "random", "seed": 3},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
+            "space": {"lr": {"type": "float", "low": 1e-5, "high": 0.5, "log": True}},
+        },
+    }
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="ddp_demo", storage=optuna_url).trials
+    assert len(trials) == 3  # one trial per trial, not one per rank
+    client = MlflowClient(store)
+    assert len(runs_of(store, "ddp")[2]) == 3
+    for trial in trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        epochs = len(client.get_metric_history(run_id, "val_acc"))
+        assert epochs == len(trial.intermediate_values)  # logged and reported once per epoch, by rank 0
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and len(pruned[0].intermediate_values) < 6
+    run_id = pruned[0].user_attrs["mlflow_run_id"]
+    executed = nbformat.read(client.download_artifacts(run_id, "notebook/train.ipynb"), as_version=4)
+    errors = [
+        o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
+    assert errors[0]["ename"] == "TrialPruned"
