@@ -27,7 +27,7 @@ class MLPClassifier(ClassifierModule):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.net = MLP(math.prod(input_shape), list(hidden_sizes), num_classes, self.dropout)
-        self._init_metrics(num_classes)
+        self._init_classification_metrics(num_classes)
 
 
 class CNN(ClassifierModule):
@@ -46,7 +46,7 @@ class CNN(ClassifierModule):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.net = ConvNet(list(input_shape), num_classes, list(channels), fc_hidden, self.dropout)
-        self._init_metrics(num_classes)
+        self._init_classification_metrics(num_classes)
 
 
 class MLPRegressor(RegressorModule):
@@ -61,4 +61,4 @@ class MLPRegressor(RegressorModule):
         super().__init__(**optim)
         self.save_hyperparameters()
         self.net = MLP(math.prod(input_shape), list(hidden_sizes), 1, self.dropout)
-        self._init_metrics()
+        self._init_regression_metrics()

@@ -20,34 +20,76 @@ from lightning_modules.base import TrainableModule
 SPLITS = ("train", "val", "test")
 
 
-def _attach_split_metrics(module: TrainableModule, collection: Callable[[str], MetricCollection]) -> None:
-    """One metric collection and one mean loss per split, as `<split>_metrics`, `<split>_mean_loss`.
-
-    (`self.train` is taken by `nn.Module.train`, hence attributes rather than a dict keyed by split.)
-    """
-    for split in SPLITS:
-        setattr(module, f"{split}_metrics", collection(split))
-        setattr(module, f"{split}_mean_loss", MeanMetric())
-
-
 def _log_split(module: TrainableModule, split: str) -> None:
     """Log the split's loss and metrics once per epoch (never per step: logging must stay cheap)."""
     module.log(
-        f"{split}_loss", getattr(module, f"{split}_mean_loss"), on_step=False, on_epoch=True, prog_bar=split != "train"
+        f"{split}_loss",
+        getattr(module, f"{split}_mean_loss"),
+        on_step=False,
+        on_epoch=True,
+        prog_bar=split != "train",
     )
     module.log_dict(getattr(module, f"{split}_metrics"), on_step=False, on_epoch=True, prog_bar=split == "val")
 
 
-class ClassifierModule(TrainableModule):
+class SupervisedModule(TrainableModule):
+    """One step for every split: loss, a weighted mean loss and metrics per split, logged per epoch.
+
+    Subclasses say what the task's loss, metrics and predictions are.
+    """
+
+    task: str
+    monitor: tuple[str, str]
+    metric_names: tuple[str, ...]
+
+    def _init_metrics(self, collection: Callable[[str], MetricCollection]) -> None:
+        # Attributes (`train_metrics`), not a dict keyed by split: `self.train` is nn.Module.train.
+        for split in SPLITS:
+            setattr(self, f"{split}_metrics", collection(split))
+            setattr(self, f"{split}_mean_loss", MeanMetric())
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return output.detach(), target
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def _step(self, batch: Any, split: str) -> torch.Tensor:
+        x, y = batch
+        output = self(x)
+        loss = self.loss(output, y)
+        getattr(self, f"{split}_mean_loss")(loss.detach(), weight=y.shape[0])
+        getattr(self, f"{split}_metrics").update(*self.metric_inputs(output, y))
+        _log_split(self, split)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.regularized(self._step(batch, "train"))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.prediction(self(x))
+
+
+class ClassifierModule(SupervisedModule):
     """Cross-entropy classification; logs loss, accuracy, macro F1 and macro recall per epoch."""
 
     task = "classification"
     monitor = ("val_acc", "max")
     metric_names = ("loss", "acc", "f1", "recall")
 
-    def _init_metrics(self, num_classes: int) -> None:
-        def collection(split: str) -> MetricCollection:
-            return MetricCollection(
+    def _init_classification_metrics(self, num_classes: int) -> None:
+        self._init_metrics(
+            lambda split: MetricCollection(
                 {
                     "acc": MulticlassAccuracy(num_classes, average="micro"),
                     "f1": MulticlassF1Score(num_classes, average="macro"),
@@ -55,69 +97,35 @@ class ClassifierModule(TrainableModule):
                 },
                 prefix=f"{split}_",
             )
-
-        _attach_split_metrics(self, collection)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch: Any, split: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        getattr(self, f"{split}_mean_loss")(loss.detach(), weight=y.shape[0])
-        getattr(self, f"{split}_metrics").update(logits.detach(), y)
-        _log_split(self, split)
-        return loss
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output, target)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.regularized(self._step(batch, "train"))
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).argmax(dim=-1)
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        return output.argmax(dim=-1)
 
 
-class RegressorModule(TrainableModule):
+class RegressorModule(SupervisedModule):
     """Mean squared error regression; logs loss, MSE and R² per epoch."""
 
     task = "regression"
     monitor = ("val_loss", "min")
     metric_names = ("loss", "mse", "r2")
 
-    def _init_metrics(self) -> None:
-        def collection(split: str) -> MetricCollection:
-            return MetricCollection({"mse": MeanSquaredError(), "r2": R2Score()}, prefix=f"{split}_")
-
-        _attach_split_metrics(self, collection)
+    def _init_regression_metrics(self) -> None:
+        self._init_metrics(
+            lambda split: MetricCollection({"mse": MeanSquaredError(), "r2": R2Score()}, prefix=f"{split}_")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
 
-    def _step(self, batch: Any, split: str) -> torch.Tensor:
-        x, y = batch
-        pred = self(x)
-        loss = F.mse_loss(pred, y)
-        getattr(self, f"{split}_mean_loss")(loss.detach(), weight=y.shape[0])
-        getattr(self, f"{split}_metrics").update(pred.detach().float(), y.float())
-        _log_split(self, split)
-        return loss
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output, target)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.regularized(self._step(batch, "train"))
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x)
+    def metric_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return output.detach().float(), target.float()

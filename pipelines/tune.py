@@ -349,24 +349,27 @@ def tune(
         console.print(progress_line(created, handle))
     started = time.monotonic()
     others = _worker_processes(handle, workers - 1)
-    interrupted = False
     try:
         _Worker(handle, parent, console).run(handle.timeout)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
+    except BaseException as exc:
+        # Stop the other workers (they record their running trials as interrupted), keep the
+        # trials table on the parent run, and close it FAILED with the reason.
         for process in others:
-            if interrupted:
-                process.terminate()
+            process.terminate()
             process.wait()
-        if not interrupted and confirm_top > 0:
-            _confirm(handle, parent, mlflow, confirm_top, seeds, console)
-        elif not interrupted:
-            created.set_user_attr("best_by_mean", None)  # an earlier confirmation predates these trials
-        result = summarize(handle, parent, mlflow, register=register and not interrupted)
-        mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
-        tracking.finish_run(mlflow, parent, "interrupted" if interrupted else None)
+        summarize(handle, parent, mlflow, register=False)
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        tracking.finish_run(mlflow, parent, reason)
+        raise
+    for process in others:
+        process.wait()
+    if confirm_top > 0:
+        _confirm(handle, parent, mlflow, confirm_top, seeds, console)
+    else:
+        created.set_user_attr("best_by_mean", None)  # an earlier confirmation predates these trials
+    result = summarize(handle, parent, mlflow, register=register)
+    mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
+    tracking.finish_run(mlflow, parent)
     if console:
         print_summary(console, handle, result)
     return result

@@ -89,14 +89,15 @@ def test_known_answer_and_the_mlflow_layout_of_a_study(store: str, optuna_url: s
     assert listed.returncode == 0 and "regression_tune" in listed.stdout
 
 
-def test_a_pruned_trial_stops_early_and_says_so(store: str, optuna_url: str, tmp_path: Path) -> None:
-    raw = {
-        "name": "prune_demo",
-        "experiment": "prune",
+def pruning_spec(name: str, **trainer) -> dict:
+    """A study built to prune: random lr over a range where slow learners lag the first trial."""
+    return {
+        "name": name,
+        "experiment": name.removesuffix("_demo"),
         "model": {"name": "mlp_classifier", "hidden_sizes": [32]},
         "data": {"name": "digits"},
         "optim": {"optimizer": "sgd", "lr": 0.01},
-        "trainer": {"max_epochs": 8, "accelerator": "cpu", "enable_progress_bar": False},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, **trainer},
         "tune": {
             "metric": "val_acc",
             "direction": "maximize",
@@ -106,7 +107,10 @@ def test_a_pruned_trial_stops_early_and_says_so(store: str, optuna_url: str, tmp
             "space": {"lr": {"type": "float", "low": 1e-5, "high": 0.5, "log": True}},
         },
     }
-    done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register")
+
+
+def test_a_pruned_trial_stops_early_and_says_so(store: str, optuna_url: str, tmp_path: Path) -> None:
+    done = labbook("tune", str(write_spec(tmp_path, pruning_spec("prune_demo", max_epochs=8))), "--no-register")
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="prune_demo", storage=optuna_url)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -327,29 +331,8 @@ def test_a_failing_notebook_fails_its_trial_and_the_study_goes_on(store: str, op
 def test_ddp_inside_a_trial_reports_from_rank_0_and_prunes_every_rank(
     store: str, optuna_url: str, tmp_path: Path
 ) -> None:
-    raw = {
-        "name": "ddp_demo",
-        "experiment": "ddp",
-        "model": {"name": "mlp_classifier", "hidden_sizes": [32]},
-        "data": {"name": "digits"},
-        "optim": {"optimizer": "sgd", "lr": 0.01},
-        # Two CPU processes per trial; in a Jupyter kernel Lightning's DDP is the fork-based one.
-        "trainer": {
-            "max_epochs": 6,
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp_notebook",
-            "enable_progress_bar": False,
-        },
-        "tune": {
-            "metric": "val_acc",
-            "direction": "maximize",
-            "n_trials": 3,
-            "sampler": {"name": "random", "seed": 3},
-            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 1},
-            "space": {"lr": {"type": "float", "low": 1e-5, "high": 0.5, "log": True}},
-        },
-    }
+    # Two CPU processes per trial; in a Jupyter kernel Lightning's DDP is the fork-based one.
+    raw = pruning_spec("ddp_demo", max_epochs=6, devices=2, strategy="ddp_notebook")
     done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register")
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="ddp_demo", storage=optuna_url).trials
