@@ -187,10 +187,23 @@ def ui(
     out.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    # Its own process group, so stopping labbook (Ctrl-C or SIGTERM) stops the server's whole tree.
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    _stop_on_sigterm()
     try:
-        raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        code = server.wait()
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry point
