@@ -173,6 +173,56 @@ def worker(
 
 
 @app.command()
+def compare(
+    experiment: Annotated[str | None, typer.Option(help="Only runs of this experiment.")] = None,
+    study: Annotated[str | None, typer.Option(help="Only the trials of this study.")] = None,
+    pipeline_run: Annotated[str | None, typer.Option(help="Only the runs nested under this parent run id.")] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="Sort by this metric (losses ascending, others descending).")
+    ] = None,
+    top: Annotated[int | None, typer.Option(min=1, help="Keep the K best rows.")] = None,
+    format_: Annotated[str, typer.Option("--format", help="table, csv, markdown or html.")] = "table",
+    output: Annotated[Path | None, typer.Option(help="Write to this file instead of the terminal.")] = None,
+) -> None:
+    """Compare runs: parameters, final metrics, state and duration, best first."""
+    from pipelines.compare import compare as compare_runs
+    from pipelines.compare import render, varying_columns
+
+    if format_ not in ("table", "csv", "markdown", "html"):
+        raise _fail(f"--format: got {format_!r}; expected one of table, csv, markdown, html")
+    if format_ == "table" and output is not None:
+        raise _fail("--output needs --format csv, markdown or html")
+    try:
+        frame = compare_runs(experiment, study, pipeline_run, metric, top)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if format_ != "table":
+        text = render(frame, format_)  # type: ignore[arg-type]
+        if output is None:
+            out.print(text, markup=False, highlight=False)
+        else:
+            output.write_text(text, encoding="utf-8")
+            out.print(f"{len(frame)} runs written to {output}")
+        return
+    if frame.empty:
+        out.print("no runs match")
+        return
+    table = Table(title=f"{len(frame)} runs" + (f", best {metric} first" if metric else ""))
+    columns = varying_columns(frame, metric)
+    if out.width < 120:  # a narrow terminal gets git-style short ids; --format csv has the full ones
+        frame = frame.assign(run_id=frame["run_id"].str[:8])
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for _, row in frame[columns].iterrows():
+        table.add_row(*("" if value is None or value != value else _cell(value) for value in row))
+    out.print(table)
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
