@@ -21,8 +21,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a CLI; MLflow
+# reads this when first imported (inside the commands). A user's own setting wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
 
@@ -220,6 +223,34 @@ def compare(
 
 def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def rerun(
+    run_id: Annotated[str, typer.Argument(help="The MLflow run to execute again.")],
+    tolerance: Annotated[float, typer.Option(min=0, help="Largest metric difference still called a match.")] = 0.0,
+) -> None:
+    """Execute a run again from its record and compare every final metric, old vs new."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.rerun import rerun as rerun_run
+
+    _stop_on_sigterm()
+    try:
+        done = rerun_run(run_id, tolerance)
+    except (ValueError, MlflowException) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
+    for name, (old, new) in done.changed.items():
+        err.print(f"warning: {name} differs: {old or '-'} then, {new or '-'} now", markup=False)
+    table = Table("metric", "old", "new", "diff", title=f"rerun of {run_id} → {done.result.run_id}")
+    for _, row in done.metrics.iterrows():
+        table.add_row(row["metric"], _cell(row["old"]), _cell(row["new"]), f"{row['diff']:+.3g}")
+    out.print(table)
+    out.print(f"verdict: {done.verdict}" + (f" (tolerance {tolerance:g})" if tolerance else ""))
+    if done.verdict in ("differs", "failed"):
+        raise _fail(done.result.error or "the rerun did not reproduce the run", code=1)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`labbook run`: one spec's training, executed as a notebook, tracked as one MLflow run."""
+"""`labbook run`: a notebook executed into one MLflow run, from a spec or from a parameter dict."""
 
 from __future__ import annotations
 
@@ -29,23 +29,39 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     progress_bar: bool = True,
 ) -> RunResult:
-    """Create the run, execute the train notebook into it, attach the executed copy, close it.
+    """The spec's notebook with the spec's parameters, as one run of the spec's experiment."""
+    tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
+    if spec_path is not None:
+        tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
+    return run_notebook(
+        spec.notebook_path(spec_path.parent if spec_path else None),
+        {**spec.parameters(), **(extra_parameters or {})},
+        spec.experiment_name,
+        run_name=run_name or spec.name,
+        parent_run_id=parent_run_id,
+        tags=tags,
+        progress_bar=progress_bar,
+    )
+
+
+def run_notebook(
+    nb_path: Path,
+    params: dict[str, Any],
+    experiment: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    progress_bar: bool = True,
+) -> RunResult:
+    """Create the run, execute the notebook into it, attach the executed copy, close it.
 
     The run exists before the notebook starts, so a notebook that dies early still leaves a
     FAILED run with whatever it had logged and its partly executed notebook.
     """
     uri = tracking.tracking_uri()
     mlflow = tracking.client(uri)
-    nb_path = spec.notebook_path(spec_path.parent if spec_path else None)
-    params = spec.parameters()
-    tags = tracking.provenance_tags(params.get("seed"), _display(nb_path))
-    tags[f"{tracking.TAG_PREFIX}spec"] = spec.name
-    tags.update(extra_tags or {})
-    if spec_path is not None:
-        tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
-    run_id = tracking.start_run(
-        mlflow, spec.experiment_name, run_name=run_name or spec.name, parent_run_id=parent_run_id, tags=tags
-    )
+    all_tags = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **(tags or {})}
+    run_id = tracking.start_run(mlflow, experiment, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
     store = tracking.local_store_dir(uri) or Path.cwd() / "mlruns"
     output_dir = store / "outputs" / run_id
     executed = notebook.execute(
@@ -53,9 +69,8 @@ def run_training(
         output_dir,
         {
             **params,
-            **(extra_parameters or {}),
             "tracking_uri": uri,
-            "experiment_name": spec.experiment_name,
+            "experiment_name": experiment,
             "run_id": run_id,
             "parent_run_id": parent_run_id or "",
             "output_dir": str(output_dir),
