@@ -133,6 +133,7 @@ def tune(
         int, typer.Option(min=0, help="Re-run the K best configurations with fresh seeds; choose by the mean.")
     ] = 0,
     seeds: Annotated[int, typer.Option(min=2, help="Seeds per configuration for --confirm-top.")] = 3,
+    report: Annotated[bool, typer.Option(help="Execute notebooks/report.ipynb and attach it to the study.")] = True,
 ) -> None:
     """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
     from pipelines.tune import tune as run_study

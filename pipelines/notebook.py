@@ -108,8 +108,8 @@ def execute(
     return ExecutedNotebook(ipynb=ipynb, html=html, error=error, interrupted=interrupted)
 
 
-def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook) -> None:
-    """Log the executed notebook and its HTML under the run's `notebook/` artifacts."""
+def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, artifact_path: str = "notebook") -> None:
+    """Log the executed notebook and its HTML under the run's `notebook/` (or given) artifacts."""
     for path in (executed.ipynb, executed.html):
         if path is not None and path.exists():
-            mlflow.log_artifact(run_id, str(path), "notebook")
+            mlflow.log_artifact(run_id, str(path), artifact_path)

@@ -338,6 +338,7 @@ def tune(
     console: Console | None = None,
     confirm_top: int = 0,
     seeds: int = 3,
+    report: bool = True,
 ) -> StudyResult:
     """Run (or resume) the study to its budget with `workers` processes, then summarize it."""
     created, parent = create(handle)
@@ -369,10 +370,35 @@ def tune(
         created.set_user_attr("best_by_mean", None)  # an earlier confirmation predates these trials
     result = summarize(handle, parent, mlflow, register=register)
     mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
+    if report:
+        _report(handle, parent, mlflow, console)
     tracking.finish_run(mlflow, parent)
     if console:
         print_summary(console, handle, result)
     return result
+
+
+def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console | None) -> None:
+    """Execute notebooks/report.ipynb for the study and attach it (ipynb, HTML, plots) to the parent."""
+    from pipelines import notebook
+
+    uri = tracking.tracking_uri()
+    store = tracking.local_store_dir(uri) or Path.cwd() / "mlruns"
+    executed = notebook.execute(
+        tracking.PROJECT_ROOT / "notebooks" / "report.ipynb",
+        store / "outputs" / parent,
+        {"study_name": handle.name, "storage": handle.storage_url, "tracking_uri": uri, "parent_run_id": parent},
+        progress_bar=False,
+    )
+    notebook.attach(mlflow, parent, executed, "report")
+    if executed.interrupted:
+        raise executed.interrupted
+    if executed.error:  # the study's results stand; say what the report could not do
+        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}report_error", executed.error)
+        if console:
+            console.print(f"[yellow]warning: the study report failed: {executed.error}[/yellow]")
+    elif console:
+        console.print(f"study report: {executed.html}")
 
 
 def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool = True) -> StudyResult:

@@ -65,6 +65,18 @@ def test_known_answer_and_the_mlflow_layout_of_a_study(store: str, optuna_url: s
     assert parent.data.tags["labbook.study_name"] == "regression_tune"
     assert parent.data.tags["labbook.storage"] == optuna_url
     assert "tables/study_summary.csv" in [a.path for a in client.list_artifacts(parent.info.run_id, "tables")]
+    # The study report notebook, executed and attached with its plots (viewable offline as PNG).
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {
+        "report/report.ipynb",
+        "report/report.html",
+        "report/optimization_history.png",
+        "report/learning_curves_top.png",
+        "report/slice.png",
+    } <= report
+    assert "report_error" not in " ".join(parent.data.tags)
+    html = Path(client.download_artifacts(parent.info.run_id, "report/report.html")).read_text()
+    assert html.count("data:image/png;base64") >= 3
 
     by_number = {int(c.data.tags["labbook.trial_number"]): c for c in children}
     assert sorted(by_number) == [0, 1, 2, 3]
@@ -110,7 +122,9 @@ def pruning_spec(name: str, **trainer) -> dict:
 
 
 def test_a_pruned_trial_stops_early_and_says_so(store: str, optuna_url: str, tmp_path: Path) -> None:
-    done = labbook("tune", str(write_spec(tmp_path, pruning_spec("prune_demo", max_epochs=8))), "--no-register")
+    done = labbook(
+        "tune", str(write_spec(tmp_path, pruning_spec("prune_demo", max_epochs=8))), "--no-register", "--no-report"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     study = optuna.load_study(study_name="prune_demo", storage=optuna_url)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
@@ -144,7 +158,7 @@ def test_an_interrupted_study_resumes_to_exactly_its_budget(store: str, optuna_u
     raw["trainer"]["max_epochs"] = 3
     raw["tune"]["pruner"] = "none"
     spec = write_spec(tmp_path, raw)
-    command = [str(LABBOOK), "tune", str(spec), "--n-trials", "4", "--no-register"]
+    command = [str(LABBOOK), "tune", str(spec), "--n-trials", "4", "--no-register", "--no-report"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while count_complete(optuna_url, "regression_tune") < 2 and time.monotonic() < deadline:
@@ -155,7 +169,7 @@ def test_an_interrupted_study_resumes_to_exactly_its_budget(store: str, optuna_u
     assert process.returncode == 143, stderr[-2000:]
     assert count_complete(optuna_url, "regression_tune") == 2
 
-    done = labbook("tune", str(spec), "--n-trials", "4", "--no-register")
+    done = labbook("tune", str(spec), "--n-trials", "4", "--no-register", "--no-report")
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
     states = [t.state.name for t in trials]
@@ -177,7 +191,9 @@ def test_an_interrupted_study_resumes_to_exactly_its_budget(store: str, optuna_u
 def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
     raw["trainer"]["max_epochs"] = 3
-    done = labbook("tune", str(write_spec(tmp_path, raw)), "--n-trials", "4", "--workers", "2", "--no-register")
+    done = labbook(
+        "tune", str(write_spec(tmp_path, raw)), "--n-trials", "4", "--workers", "2", "--no-register", "--no-report"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
     assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
@@ -287,7 +303,7 @@ def test_confirm_top_reruns_with_fresh_seeds_and_picks_the_champion_by_mean(stor
     raw["trainer"]["max_epochs"] = 3
     raw["tune"]["pruner"] = "none"
     spec = write_spec(tmp_path, raw)
-    done = labbook("tune", str(spec), "--n-trials", "2", "--confirm-top", "1", "--seeds", "2")
+    done = labbook("tune", str(spec), "--n-trials", "2", "--confirm-top", "1", "--seeds", "2", "--no-report")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "mean ± 95% interval" in done.stdout
 
@@ -314,7 +330,7 @@ def test_a_failing_notebook_fails_its_trial_and_the_study_goes_on(store: str, op
     raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
     raw["notebook"] = str(failing_notebook(tmp_path))
     raw["trainer"]["max_epochs"] = 1
-    done = labbook("tune", str(write_spec(tmp_path, raw)), "--n-trials", "2")
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--n-trials", "2", "--no-report")
     assert done.returncode == 1
     assert "error: no trial completed; first error: RuntimeError: evaluation exploded (cell " in done.stderr
     trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
@@ -333,7 +349,7 @@ def test_ddp_inside_a_trial_reports_from_rank_0_and_prunes_every_rank(
 ) -> None:
     # Two CPU processes per trial; in a Jupyter kernel Lightning's DDP is the fork-based one.
     raw = pruning_spec("ddp_demo", max_epochs=6, devices=2, strategy="ddp_notebook")
-    done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register")
+    done = labbook("tune", str(write_spec(tmp_path, raw)), "--no-register", "--no-report")
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="ddp_demo", storage=optuna_url).trials
     assert len(trials) == 3  # one trial per trial, not one per rank
