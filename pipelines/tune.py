@@ -118,8 +118,17 @@ def decoded_params(tune: TuneSpec, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _best(values: list[float], direction: str) -> float:
-    return max(values) if direction == "maximize" else min(values)
+def best_logged(mlflow: MlflowClient, run_id: str, tune: TuneSpec) -> float | None:
+    """The run's best epoch value of the study's metric (NaN epochs ignored); None if never logged."""
+    values = [m.value for m in mlflow.get_metric_history(run_id, tune.metric) if not math.isnan(m.value)]
+    if not values:
+        return None
+    return max(values) if tune.direction == "maximize" else min(values)
+
+
+def monitor_parameters(tune: TuneSpec) -> dict[str, str]:
+    """Notebook parameters that make the kernel checkpoint (and report) on the study's metric."""
+    return {"monitor": tune.metric, "monitor_mode": "max" if tune.direction == "maximize" else "min"}
 
 
 def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
@@ -220,12 +229,11 @@ class _Worker:
             raise optuna.TrialPruned(result.error)
         if result.error:
             return self._fail(trial, result.run_id, result.error)
-        history = self.mlflow.get_metric_history(result.run_id, tune.metric)
-        values_seen = [m.value for m in history if not math.isnan(m.value)]
-        if not values_seen:
+        value = best_logged(self.mlflow, result.run_id, tune)
+        if value is None:
             return self._fail(trial, result.run_id, f"metric {tune.metric!r} was never logged (or only NaN)")
         self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "COMPLETE")
-        return _best(values_seen, tune.direction)
+        return value
 
     def _run(self, trial: optuna.Trial, spec: Spec):
         tune = self.handle.tune
@@ -238,8 +246,7 @@ class _Worker:
                 "optuna_storage": self.handle.storage_url,
                 "study_name": self.handle.name,
                 "trial_number": trial.number,
-                "monitor": tune.metric,
-                "monitor_mode": "max" if tune.direction == "maximize" else "min",
+                **monitor_parameters(tune),
             },
             extra_tags={
                 f"{tracking.TAG_PREFIX}study_name": self.handle.name,
@@ -452,7 +459,7 @@ def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: 
             handle.spec_path,
             parent_run_id=parent,
             run_name=f"{handle.name}-trial-{trial.number}-seed-{seed}",
-            extra_parameters={"monitor": tune.metric, "monitor_mode": "max" if tune.direction == "maximize" else "min"},
+            extra_parameters=monitor_parameters(tune),
             extra_tags={
                 f"{tracking.TAG_PREFIX}study_name": handle.name,
                 f"{tracking.TAG_PREFIX}confirms_trial": str(trial.number),
@@ -460,10 +467,7 @@ def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: 
             },
             progress_bar=False,
         )
-        if result.error:
-            return result, None
-        history = [m.value for m in mlflow.get_metric_history(result.run_id, tune.metric) if not math.isnan(m.value)]
-        return result, (_best(history, tune.direction) if history else None)
+        return result, (None if result.error else best_logged(mlflow, result.run_id, tune))
 
     confirmed = confirm.confirm(study.get_trials(deepcopy=False), k, seeds, tune.direction, run_one)
     confirm.log_to_parent(mlflow, parent, confirmed, tune.metric)

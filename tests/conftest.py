@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "mlruns").mkdir()
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow's fluent API keeps a process-wide URI, and `compare()`/`promote()` pin it: point it
+    # at this test's store, or `load_model("runs:/...")` would search the previous test's store.
+    mlflow.set_tracking_uri(uri)
     monkeypatch.chdir(tmp_path)
     return uri
 
