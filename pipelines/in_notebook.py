@@ -72,11 +72,9 @@ def monitored(params: dict[str, Any], default: tuple[str, str]) -> tuple[str, st
 
 def output_dir(params: dict[str, Any], run_id: str) -> Path:
     """Where this run's checkpoints go: the folder `labbook run` gave, or one beside the store."""
-    if params.get("output_dir"):
-        path = Path(params["output_dir"])
-    else:
-        store = tracking.local_store_dir(params.get("tracking_uri") or tracking.tracking_uri())
-        path = (store or Path.cwd() / "mlruns") / "outputs" / run_id
+    path = Path(
+        params.get("output_dir") or tracking.output_dir(params.get("tracking_uri") or tracking.tracking_uri(), run_id)
+    )
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -62,8 +62,7 @@ def run_notebook(
     mlflow = tracking.client(uri)
     all_tags = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **(tags or {})}
     run_id = tracking.start_run(mlflow, experiment, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
-    store = tracking.local_store_dir(uri) or Path.cwd() / "mlruns"
-    output_dir = store / "outputs" / run_id
+    output_dir = tracking.output_dir(uri, run_id)
     executed = notebook.execute(
         nb_path,
         output_dir,

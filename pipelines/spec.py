@@ -67,13 +67,11 @@ class _Named(BaseModel):
     name: str
 
     _kind: typing.ClassVar[str]
-    _table: typing.ClassVar[dict[str, type]]
     _common: typing.ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="after")
     def _check_arguments(self) -> _Named:
-        if self.name not in self._table:
-            raise ValueError(f"unknown {self._kind} {self.name!r}; known: {', '.join(sorted(self._table))}")
+        # The registry's lookup says "unknown model 'x'; known: ..." for an unknown name.
         cls = model_class(self.name) if self._kind == "model" else data_class(self.name)
         own = {
             n: p
@@ -96,14 +94,12 @@ class _Named(BaseModel):
 
 class ModelSpec(_Named):
     _kind = "model"
-    _table = MODELS
     _common = frozenset({"dropout"})
     dropout: Fraction = 0.0
 
 
 class DataSpec(_Named):
     _kind = "data"
-    _table = DATA
     _common = frozenset({"batch_size"})
     batch_size: int = Field(64, ge=1)
 
@@ -288,19 +284,22 @@ TRACKING_PARAMETERS = (
 )
 
 
+def _setting_names(models: list[type], datas: list[type]) -> set[str]:
+    """Every setting those model and data classes take, plus the sections' own; never derived ones."""
+    return (
+        {"model", "data", "dropout", "batch_size"}
+        | {n for cls in models + datas for n in init_parameters(cls)}
+        | set(OptimSpec.model_fields)
+        | set(TrainerSpec.model_fields)
+    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+
+
 def hyperparameters(params: dict[str, Any]) -> dict[str, Any]:
     """The settings that shape the chosen model and data: what a run logs as MLflow params.
 
     A CNN run does not log `hidden_sizes`, a digits run does not log `noise`.
     """
-    model, data = model_class(params["model"]), data_class(params["data"])
-    names = (
-        {"model", "data", "dropout", "batch_size"}
-        | set(init_parameters(model))
-        | set(init_parameters(data))
-        | set(OptimSpec.model_fields)
-        | set(TrainerSpec.model_fields)
-    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+    names = _setting_names([model_class(params["model"])], [data_class(params["data"])])
     return {k: v for k, v in params.items() if k in names}
 
 
@@ -310,10 +309,5 @@ def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     Every name a spec can set, any registered model or data class accepts, or that says where
     the run is tracked; so the parameters cell stays plain assignments.
     """
-    names = (
-        {"model", "data", "dropout", "batch_size", *TRACKING_PARAMETERS}
-        | set(OptimSpec.model_fields)
-        | set(TrainerSpec.model_fields)
-        | {n for table in (MODELS, DATA) for cls in table.values() for n in init_parameters(cls)}
-    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+    names = _setting_names(list(MODELS.values()), list(DATA.values())) | set(TRACKING_PARAMETERS)
     return {k: namespace[k] for k in sorted(names) if k in namespace}

@@ -9,12 +9,12 @@ spec's `tune.storage` or `LABBOOK_OPTUNA_STORAGE` replace it with no other chang
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines import tracking
 from pipelines.tune_spec import PrunerSpec, SamplerSpec
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
@@ -30,9 +30,7 @@ def storage_url(explicit: str | None = None) -> str:
         return explicit
     if os.environ.get(STORAGE_ENV):
         return os.environ[STORAGE_ENV]
-    store = Path.cwd() / "mlruns"
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'optuna.db'}"
+    return f"sqlite:///{tracking.default_store() / 'optuna.db'}"
 
 
 def storage(url: str, heartbeat: bool = False) -> RDBStorage:

@@ -23,20 +23,30 @@ TAG_PREFIX = "labbook."
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
 
 
+def default_store() -> Path:
+    """`./mlruns/`, made if missing: the embedded home of runs, studies and notebook outputs."""
+    store = Path.cwd() / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return store
+
+
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store under `./mlruns/`."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
-    store = Path.cwd() / "mlruns"
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return f"sqlite:///{default_store() / 'mlflow.db'}"
 
 
 def local_store_dir(uri: str) -> Path | None:
     """The folder of a SQLite store (`.../mlruns`), where artifacts and notebook outputs go beside it."""
     match = re.match(r"sqlite:///(.+)$", uri)
     return Path(match.group(1)).resolve().parent if match else None
+
+
+def output_dir(uri: str, run_id: str) -> Path:
+    """Where papermill writes a run's executed notebook and checkpoints: beside a local store."""
+    return (local_store_dir(uri) or Path.cwd() / "mlruns") / "outputs" / run_id
 
 
 def client(uri: str | None = None) -> MlflowClient:

@@ -390,10 +390,9 @@ def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console |
     from pipelines import notebook
 
     uri = tracking.tracking_uri()
-    store = tracking.local_store_dir(uri) or Path.cwd() / "mlruns"
     executed = notebook.execute(
         tracking.PROJECT_ROOT / "notebooks" / "report.ipynb",
-        store / "outputs" / parent,
+        tracking.output_dir(uri, parent),
         {"study_name": handle.name, "storage": handle.storage_url, "tracking_uri": uri, "parent_run_id": parent},
         progress_bar=False,
     )
