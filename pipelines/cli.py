@@ -64,9 +64,31 @@ def _load(spec: Path, overrides: list[str] | None):
         raise _fail(str(exc)) from None
 
 
+def _is_pipeline(spec: Path) -> bool:
+    from pipelines.spec import read_yaml
+
+    try:
+        return "steps" in (read_yaml(spec) or {})
+    except (SpecError, TypeError):
+        return False
+
+
+def _load_pipeline(spec: Path):
+    from pipelines.pipeline_spec import load_pipeline
+
+    try:
+        return load_pipeline(spec)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
-    """Check a spec (and overrides) without running anything."""
+    """Check a spec (and overrides), or a pipeline with its steps and references, running nothing."""
+    if _is_pipeline(spec):
+        pipeline = _load_pipeline(spec)
+        out.print(f"{spec}: ok (pipeline: {' → '.join(f'{s.name} ({s.kind})' for s in pipeline.steps)})")
+        return
     loaded = _load(spec, set_)
     out.print(f"{spec}: ok ({loaded.model.name} on {loaded.data.name}, {loaded.trainer.max_epochs} epochs)")
 
@@ -76,10 +98,26 @@ def run(
     spec: SpecArg,
     set_: SetOpt = None,
     run_name: Annotated[str | None, typer.Option(help="MLflow run name (default: the spec's name).")] = None,
+    from_step: Annotated[
+        str | None, typer.Option("--from", help="Pipelines: continue the last run of the pipeline from this step.")
+    ] = None,
+    pipeline_run: Annotated[
+        str | None, typer.Option(help="Pipelines: with --from, the pipeline run to continue (default: the latest).")
+    ] = None,
+    trigger: Annotated[str, typer.Option(hidden=True, help="manual or scheduled (set by the scheduler).")] = "manual",
+    schedule_id: Annotated[str | None, typer.Option(hidden=True, help="The schedule that fired this run.")] = None,
 ) -> None:
-    """Train a spec's model as one executed notebook, tracked as one MLflow run."""
-    from pipelines.run import run_training
+    """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
     from pipelines.tracking import tracking_uri
+
+    if _is_pipeline(spec):
+        if set_:
+            raise _fail("--set: a pipeline's steps take their settings from its spec (steps.<name>.set)")
+        _run_pipeline(spec, from_step, pipeline_run, trigger, schedule_id)
+        return
+    if from_step or pipeline_run:
+        raise _fail("--from/--pipeline-run: only a pipeline spec (with steps:) has steps to continue")
+    from pipelines.run import run_training
 
     loaded = _load(spec, set_)
     _stop_on_sigterm()
@@ -97,6 +135,33 @@ def run(
         out.print(table)
     if result.error:
         raise _fail(f"notebook failed: {result.error}", code=1)
+
+
+def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, trigger: str, schedule_id: str | None):
+    from pipelines.pipeline import run_pipeline
+    from pipelines.tracking import tracking_uri
+
+    if trigger not in ("manual", "scheduled"):
+        raise _fail(f"--trigger: got {trigger!r}; expected manual or scheduled")
+    pipeline = _load_pipeline(spec)
+    if from_step:
+        try:
+            pipeline.step(from_step)
+        except SpecError as exc:
+            raise _fail(str(exc)) from None
+    _stop_on_sigterm()
+    out.print(f"running pipeline {spec} → {tracking_uri()}")
+    try:
+        result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
+    out.print(f"pipeline run {result.run_id}: {result.status}")
+    if result.error:
+        err.print(f"error: {result.error}", markup=False, highlight=False)
+        err.print(f"fix it, then continue with: labbook run {spec} --from {result.failed_step}", markup=False)
+        raise typer.Exit(1)
 
 
 StorageOpt = Annotated[
@@ -142,7 +207,7 @@ def tune(
     _stop_on_sigterm()
     try:
         result = run_study(
-            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds
+            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds, report=report
         )
     except SpecError as exc:
         raise _fail(str(exc)) from None

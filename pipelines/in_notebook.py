@@ -83,6 +83,14 @@ def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
     logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
 
 
+def record_outputs(client: Any, run_id: str, outputs: dict[str, Any]) -> None:
+    """Outputs a later pipeline step can reference (`${step.outputs.key}`): tags `labbook.output.<key>` (JSON)."""
+    import json
+
+    for key, value in outputs.items():
+        client.set_tag(run_id, f"{tracking.TAG_PREFIX}output.{key}", json.dumps(value, default=str))
+
+
 def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "val_")) -> Any:
     """Per-epoch metrics as MLflow recorded them: one row per epoch, one column per metric.
 
@@ -142,6 +150,7 @@ __all__ = [
     "monitored",
     "notebook_parameters",
     "pruning_callback",
+    "record_outputs",
     "log_figure",
     "metrics_frame",
     "log_model",

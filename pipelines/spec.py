@@ -211,7 +211,7 @@ def _metric_names(model: str) -> list[str]:
     return [f"{split}_{m}" for split in ("val", "train", "test") for m in model_class(model).metric_names]
 
 
-def _one_line(error: ValidationError, source: str) -> str:
+def one_line(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"] if part not in ("float", "int", "categorical")) or "spec"
     message = first["msg"].removeprefix("Value error, ")
@@ -226,17 +226,24 @@ def _one_line(error: ValidationError, source: str) -> str:
     return f"{source}: {field}: {message}"
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
-    """Read and validate a spec file; every problem is a one-line `SpecError`."""
-    path = Path(path)
+def read_yaml(path: Path) -> Any:
+    """A spec file's YAML, read with the safe loader only; a syntax error is one line with its line."""
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise SpecError(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
+    """Read and validate a spec file; every problem is a one-line `SpecError`."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if isinstance(raw, dict) and "steps" in raw:
+        raise SpecError(f"{path}: steps: this is a pipeline spec; it has no single model to train here")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of settings at the top level")
     try:
@@ -244,7 +251,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
         if overrides:
             spec = spec.with_overrides(overrides)
     except ValidationError as exc:
-        raise SpecError(_one_line(exc, str(path))) from None
+        raise SpecError(one_line(exc, str(path))) from None
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
     notebook = spec.notebook_path(path.parent)

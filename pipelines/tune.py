@@ -64,6 +64,7 @@ class Study:
     storage_url: str
     n_trials: int | None
     timeout: float | None
+    parent_run_id: str | None = None  # a pipeline run: the study's run is nested under it
 
     @property
     def tune(self) -> TuneSpec:
@@ -86,6 +87,7 @@ def open_study(
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Study:
     """Resolve the study's budget, storage and name from flags, then the spec, then defaults."""
     if spec.tune is None:
@@ -94,7 +96,8 @@ def open_study(
     if n_trials is None and timeout is None:
         n_trials, timeout = tune.n_trials, tune.timeout
     url = studies.storage_url(storage or tune.storage)
-    return Study(spec, spec_path, study_name or tune.study_name or spec.name, url, n_trials, timeout)
+    name = study_name or tune.study_name or spec.name
+    return Study(spec, spec_path, name, url, n_trials, timeout, parent_run_id)
 
 
 def _redact(url: str) -> str:
@@ -146,6 +149,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
         mlflow,
         handle.spec.experiment_name,
         run_name=f"study:{handle.name}",
+        parent_run_id=handle.parent_run_id,
         tags={
             f"{tracking.TAG_PREFIX}kind": "study",
             f"{tracking.TAG_PREFIX}study_name": handle.name,

@@ -1,0 +1,292 @@
+"""`labbook run PIPELINE`: the steps of a pipeline spec in order, as one MLflow parent run.
+
+Every step is a run nested under the pipeline's parent run, with its executed notebook
+attached. What a step produced (run id, best parameters, model URI, ...) is recorded on the
+parent run as the tag `labbook.outputs.<step>` (JSON) the moment the step succeeds, so
+`--from STEP` can reopen that pipeline run and go on from STEP with the earlier steps'
+recorded outputs, without running them again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from rich.console import Console
+
+from pipelines import tracking
+from pipelines.pipeline_spec import (
+    NotebookStep,
+    PipelineSpec,
+    RegisterStep,
+    ReportStep,
+    Step,
+    TrainStep,
+    TuneStep,
+    merged_overrides,
+    notebook_path,
+    resolve,
+    step_spec_path,
+)
+from pipelines.run import RunResult, run_notebook
+from pipelines.spec import PROJECT_ROOT, Spec, SpecError, hyperparameters, load_spec
+
+KIND = f"{tracking.TAG_PREFIX}kind"
+PIPELINE_TAG = f"{tracking.TAG_PREFIX}pipeline"
+TRIGGER_TAG = f"{tracking.TAG_PREFIX}trigger"
+SCHEDULE_TAG = f"{tracking.TAG_PREFIX}schedule_id"
+STEP_TAG = f"{tracking.TAG_PREFIX}step"
+OUTPUTS_TAG = f"{tracking.TAG_PREFIX}outputs."
+STEP_STATE_TAG = f"{tracking.TAG_PREFIX}step_state."
+OUTPUT_TAG = f"{tracking.TAG_PREFIX}output."  # what a notebook records for later steps (see in_notebook)
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+
+
+class StepFailed(Exception):
+    """A step's notebook failed (its run is FAILED, partial notebook attached)."""
+
+
+@dataclass
+class PipelineResult:
+    run_id: str
+    status: str  # FINISHED | FAILED
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed_step: str | None = None
+    error: str | None = None
+    ran: list[str] = field(default_factory=list)  # steps executed by this call (not reused)
+
+
+def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str | None = None) -> str:
+    """The given pipeline run, or the latest run of this pipeline."""
+    if run_id:
+        run = mlflow.get_run(run_id)
+        if run.data.tags.get(PIPELINE_TAG) != pipeline.name:
+            raise SpecError(f"--pipeline-run {run_id}: not a run of pipeline {pipeline.name!r}")
+        return run_id
+    experiment = mlflow.get_experiment_by_name(pipeline.experiment_name)
+    runs = (
+        mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline.name}' and tags.`{KIND}` = 'pipeline'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiment
+        else []
+    )
+    if not runs:
+        raise SpecError(f"--from: pipeline {pipeline.name!r} has no earlier run to continue")
+    return runs[0].info.run_id
+
+
+def recorded_outputs(mlflow: MlflowClient, run_id: str) -> dict[str, dict[str, Any]]:
+    tags = mlflow.get_run(run_id).data.tags
+    return {k.removeprefix(OUTPUTS_TAG): json.loads(v) for k, v in tags.items() if k.startswith(OUTPUTS_TAG)}
+
+
+class _Runner:
+    """Executes one pipeline run's steps; one method per step kind."""
+
+    def __init__(self, pipeline: PipelineSpec, path: Path, parent: str, console: Console | None) -> None:
+        self.pipeline, self.path, self.parent, self.console = pipeline, path, parent, console
+        self.mlflow = tracking.client()
+        self.tags = {
+            PIPELINE_TAG: pipeline.name,
+            f"{tracking.TAG_PREFIX}pipeline_run": parent,
+        }
+
+    def say(self, text: str) -> None:
+        if self.console:
+            self.console.print(text)
+
+    def _spec(self, step: TrainStep | TuneStep, outputs: dict[str, dict[str, Any]]) -> tuple[Spec, Path]:
+        path = step_spec_path(step, self.path)
+        spec = load_spec(path, merged_overrides(step.set, outputs))
+        # Steps log into the pipeline's experiment, so the UI nests them under the pipeline run.
+        return spec.model_copy(update={"experiment": self.pipeline.experiment_name}), path
+
+    def _notebook(self, notebook: Path, step: Step, params: dict[str, Any]) -> RunResult:
+        result = run_notebook(
+            notebook,
+            params,
+            self.pipeline.experiment_name,
+            run_name=step.name,
+            parent_run_id=self.parent,
+            tags={**self.tags, STEP_TAG: step.name},
+            progress_bar=False,
+        )
+        if result.error:
+            raise StepFailed(f"{result.error} (run {result.run_id})")
+        return result
+
+    def train(self, step: TrainStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from pipelines.run import run_training
+
+        spec, path = self._spec(step, outputs)
+        result = run_training(
+            spec, path, parent_run_id=self.parent, run_name=step.name, extra_tags={**self.tags, STEP_TAG: step.name}
+        )
+        if result.error:
+            raise StepFailed(f"{result.error} (run {result.run_id})")
+        tags = self.mlflow.get_run(result.run_id).data.tags
+        return {
+            "run_id": result.run_id,
+            "model_uri": tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{result.run_id}/model"),
+            "metrics": result.metrics,
+            "params": hyperparameters(spec.parameters()),
+        }
+
+    def tune(self, step: TuneStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from pipelines import tune
+
+        spec, path = self._spec(step, outputs)
+        # One study per pipeline run (resumed, not restarted, by `--from` on the same run).
+        name = f"{self.pipeline.name}-{step.name}-{self.parent[:8]}"
+        handle = tune.open_study(spec, path, step.n_trials, step.timeout, study_name=name, parent_run_id=self.parent)
+        result = tune.tune(handle, workers=step.workers, register=False, console=self.console, report=step.report)
+        for key, value in {**self.tags, STEP_TAG: step.name}.items():
+            self.mlflow.set_tag(result.parent_run_id, key, value)
+        if result.counts["COMPLETE"] == 0:
+            raise StepFailed(f"no trial of study {name!r} completed (run {result.parent_run_id})")
+        best_tags = self.mlflow.get_run(result.best_run_id).data.tags if result.best_run_id else {}
+        return {
+            "run_id": result.parent_run_id,
+            "study_name": name,
+            "best_params": tune.decoded_params(handle.tune, result.best_params),
+            "best_value": result.best_value,
+            "best_run_id": result.best_run_id,
+            "model_uri": best_tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{result.best_run_id}/model"),
+        }
+
+    def notebook(self, step: NotebookStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        result = self._notebook(notebook_path(step.notebook, self.path), step, resolve(step.parameters, outputs))
+        return {"run_id": result.run_id, "metrics": result.metrics, "outputs": self._recorded(result.run_id)}
+
+    def register(self, step: RegisterStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        params = {
+            "candidate_run_id": resolve(step.run, outputs),
+            "model_name": step.model_name or self.pipeline.name,
+            "metric": step.metric,
+            "direction": step.direction,
+        }
+        result = self._notebook(NOTEBOOKS / "register.ipynb", step, params)
+        return {"run_id": result.run_id, **self._recorded(result.run_id)}
+
+    def report(self, step: ReportStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from pipelines import study as studies
+
+        study = resolve(step.study, outputs) if step.study else None
+        if study is None:  # the last tune step's study, if the pipeline has one
+            tuned = [outputs[s.name] for s in self.pipeline.steps if s.kind == "tune" and s.name in outputs]
+            study = tuned[-1]["study_name"] if tuned else ""
+        params = {
+            "study_name": study,
+            "storage": studies.storage_url() if study else "",
+            "pipeline_run_id": self.parent,
+            "top_k": step.top_k,
+        }
+        result = self._notebook(NOTEBOOKS / "report.ipynb", step, params)
+        # The pipeline's own run carries the report too: what a person opens first.
+        for executed in (result.notebook, result.notebook.with_suffix(".html")):
+            if executed.exists():
+                self.mlflow.log_artifact(self.parent, str(executed), "report")
+        return {"run_id": result.run_id}
+
+    def _recorded(self, run_id: str) -> dict[str, Any]:
+        tags = self.mlflow.get_run(run_id).data.tags
+        return {k.removeprefix(OUTPUT_TAG): json.loads(v) for k, v in tags.items() if k.startswith(OUTPUT_TAG)}
+
+    def run_step(self, step: Step, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The step, tried `1 + retries` times; every attempt stays recorded as its own run."""
+        attempts = step.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return getattr(self, step.kind)(step, outputs)
+            except StepFailed as exc:
+                if attempt == attempts:
+                    raise
+                self.say(f"[yellow]step {step.name} failed ({exc}); retry {attempt} of {step.retries}[/yellow]")
+        raise AssertionError("unreachable")
+
+
+def _open_parent(
+    mlflow: MlflowClient, pipeline: PipelineSpec, path: Path, trigger: str, schedule_id: str | None
+) -> str:
+    tags = {
+        KIND: "pipeline",
+        PIPELINE_TAG: pipeline.name,
+        TRIGGER_TAG: trigger,
+        f"{tracking.TAG_PREFIX}spec_path": str(path),
+        **tracking.provenance_tags(None, path),
+    }
+    if schedule_id:
+        tags[SCHEDULE_TAG] = schedule_id
+    parent = tracking.start_run(mlflow, pipeline.experiment_name, run_name=f"pipeline:{pipeline.name}", tags=tags)
+    tracking.log_params(mlflow, parent, {"steps": " → ".join(f"{s.name}({s.kind})" for s in pipeline.steps)})
+    return parent
+
+
+def run_pipeline(
+    pipeline: PipelineSpec,
+    path: Path,
+    from_step: str | None = None,
+    pipeline_run: str | None = None,
+    trigger: str = "manual",
+    schedule_id: str | None = None,
+    console: Console | None = None,
+) -> PipelineResult:
+    """Run the pipeline (or, with `from_step`, reopen its last run and go on from that step)."""
+    mlflow = tracking.client()
+    steps = list(pipeline.steps)
+    if not any(s.kind == "report" for s in steps) and pipeline.report:
+        steps.append(ReportStep(name="report", kind="report"))
+    if from_step:
+        start = pipeline.index(from_step)
+        parent = find_pipeline_run(mlflow, pipeline, pipeline_run)
+        outputs = recorded_outputs(mlflow, parent)
+        missing = [s.name for s in steps[:start] if s.name not in outputs]
+        if missing:
+            raise SpecError(
+                f"--from {from_step}: pipeline run {parent} has no recorded outputs of step {missing[0]!r}; "
+                f"start from {missing[0]!r}"
+            )
+        mlflow.update_run(parent, status="RUNNING")
+        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}resumed_from_step", from_step)
+        if f"{tracking.TAG_PREFIX}error" in mlflow.get_run(parent).data.tags:
+            mlflow.delete_tag(parent, f"{tracking.TAG_PREFIX}error")
+    else:
+        start, outputs = 0, {}
+        parent = _open_parent(mlflow, pipeline, path, trigger, schedule_id)
+    runner = _Runner(pipeline, path, parent, console)
+    result = PipelineResult(parent, "RUNNING", outputs)
+    runner.say(f"pipeline {pipeline.name!r}: MLflow run {parent} ({trigger})")
+    for i, step in enumerate(steps[start:], start=start + 1):
+        runner.say(f"[bold]step {i}/{len(steps)}: {step.name} ({step.kind})[/bold]")
+        try:
+            outputs[step.name] = runner.run_step(step, outputs)
+        except (StepFailed, SpecError) as exc:
+            mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FAILED")
+            mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}failed_step", step.name)
+            result.status, result.failed_step, result.error = "FAILED", step.name, f"step {step.name} failed: {exc}"
+            tracking.finish_run(mlflow, parent, result.error)
+            return result
+        except BaseException as exc:  # Ctrl-C, SIGTERM or a bug: close the run, keep what is recorded
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FAILED")
+            tracking.finish_run(mlflow, parent, f"step {step.name}: {reason}")
+            raise
+        result.ran.append(step.name)
+        mlflow.set_tag(parent, OUTPUTS_TAG + step.name, json.dumps(outputs[step.name], default=str))
+        mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FINISHED")
+        runner.say(f"step {step.name} done: " + ", ".join(f"{k}={_short(v)}" for k, v in outputs[step.name].items()))
+    tracking.finish_run(mlflow, parent)
+    result.status = "FINISHED"
+    return result
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,290 @@
+"""Pipeline specs with `steps:`: validated once, references included, before anything runs.
+
+A pipeline is an ordered list of steps, each executed as a notebook run. A step uses an
+earlier step's outputs through one syntax, `${step.output}` or `${step.output.key}`:
+
+    set:
+      - ${search.best_params}      # a whole mapping, merged
+      - {max_epochs: 30}
+    parameters: {train_run_id: "${retrain.run_id}"}
+
+A value that is exactly one reference takes the referenced value as it is (a number stays a
+number, a mapping a mapping); a reference inside a longer string is replaced by its text.
+Unknown steps, later steps and outputs a step kind does not produce are `SpecError`s here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.spec import PROJECT_ROOT, Spec, SpecError, load_spec, one_line, read_yaml
+
+REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
+STEP_NAME = r"^[A-Za-z_][\w-]*$"
+
+# What each step kind records for later steps; the mappings among them can be indexed by key.
+OUTPUTS: dict[str, set[str]] = {
+    "train": {"run_id", "model_uri", "metrics", "params"},
+    "tune": {"run_id", "study_name", "storage", "best_params", "best_value", "best_run_id", "model_uri"},
+    "notebook": {"run_id", "metrics", "outputs"},
+    "register": {"run_id", "model_name", "version", "promoted", "champion_version", "model_uri"},
+    "report": {"run_id"},
+}
+MAPPINGS = {"metrics", "params", "best_params", "outputs"}
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=STEP_NAME)
+    retries: int = Field(0, ge=0, le=10)
+
+
+Overrides = dict[str, Any] | str | list[dict[str, Any] | str]
+
+
+class TrainStep(_Step):
+    """The train notebook on a training spec, with overrides (which may be references)."""
+
+    kind: Literal["train"]
+    spec: str
+    set: Overrides = Field(default_factory=dict)
+
+
+class TuneStep(_Step):
+    """An Optuna study of the spec's `tune:` section; the budget may be set smaller here."""
+
+    kind: Literal["tune"]
+    spec: str
+    set: Overrides = Field(default_factory=dict)
+    n_trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    workers: int = Field(1, ge=1)
+    report: bool = True  # the study's own report notebook on the study's run
+
+
+class NotebookStep(_Step):
+    """Any notebook, with parameters by name (checked against its `parameters` cell)."""
+
+    kind: Literal["notebook"]
+    notebook: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class RegisterStep(_Step):
+    """Register a run's model; move the `champion` alias only if it beats the current one."""
+
+    kind: Literal["register"]
+    run: str  # a run id, usually `${retrain.run_id}`
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+    model_name: str | None = None  # default: the pipeline's name
+
+
+class ReportStep(_Step):
+    """The report notebook: the pipeline's steps side by side, and the study's plots if any."""
+
+    kind: Literal["report"]
+    study: str | None = None  # default: the last tune step's study
+    top_k: int = Field(5, ge=1)
+
+
+Step = Annotated[TrainStep | TuneStep | NotebookStep | RegisterStep | ReportStep, Field(discriminator="kind")]
+STEP_KINDS = tuple(OUTPUTS)
+
+
+class PipelineSpec(BaseModel):
+    """A named, ordered list of steps, tracked as one MLflow parent run per pipeline run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    description: str = ""
+    experiment: str | None = None
+    steps: list[Step] = Field(min_length=1)
+    report: bool = True  # a report on the parent run at the end, when no step is a report
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_kind(cls, raw: Any) -> Any:
+        """An unknown kind gets one line listing the known ones, not pydantic's union noise."""
+        for i, step in enumerate(raw.get("steps") or [] if isinstance(raw, dict) else []):
+            if isinstance(step, dict) and step.get("kind") not in STEP_KINDS:
+                raise ValueError(f"steps.{i}.kind: got {step.get('kind')!r}; expected one of {', '.join(STEP_KINDS)}")
+        return raw
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PipelineSpec:
+        seen: set[str] = set()
+        for step in self.steps:
+            if step.name in seen:
+                raise ValueError(f"steps: two steps are named {step.name!r}; step names must be unique")
+            seen.add(step.name)
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise SpecError(f"--from {name}: no such step; steps: {', '.join(s.name for s in self.steps)}")
+
+    def index(self, name: str) -> int:
+        return self.steps.index(self.step(name))
+
+
+def references(value: Any) -> list[tuple[str, str, str | None]]:
+    """Every `(step, output, key)` referenced anywhere inside `value`."""
+    if isinstance(value, str):
+        if "${" in value and not REFERENCE.search(value):
+            raise SpecError(f"malformed reference {value!r}; expected ${{step.output}} or ${{step.output.key}}")
+        return [m.groups() for m in REFERENCE.finditer(value)]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in references(v)]
+    return []
+
+
+def resolve(value: Any, outputs: dict[str, dict[str, Any]]) -> Any:
+    """`value` with every reference replaced by the recorded output it names."""
+    if isinstance(value, str):
+        whole = REFERENCE.fullmatch(value)
+        if whole:
+            return _lookup(outputs, *whole.groups())
+        return REFERENCE.sub(lambda m: str(_lookup(outputs, *m.groups())), value)
+    if isinstance(value, dict):
+        return {k: resolve(v, outputs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, outputs) for v in value]
+    return value
+
+
+def _lookup(outputs: dict[str, dict[str, Any]], step: str, output: str, key: str | None) -> Any:
+    try:
+        found = outputs[step][output]
+        return found[key] if key is not None else found
+    except (KeyError, TypeError):
+        where = f"{step}.{output}" + (f".{key}" if key else "")
+        raise SpecError(f"${{{where}}}: step {step!r} recorded no such output") from None
+
+
+def merged_overrides(overrides: Overrides, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A step's `set:` (a mapping, a reference to one, or a list of both) as one flat dict."""
+    resolved = resolve(overrides, outputs)
+    parts = resolved if isinstance(resolved, list) else [resolved]
+    merged: dict[str, Any] = {}
+    for part in parts:
+        if not isinstance(part, dict):
+            raise SpecError(f"set: expected a mapping of settings, got {part!r}")
+        merged |= part
+    return merged
+
+
+def _check_references(pipeline: PipelineSpec, path: Path) -> None:
+    """Each reference names an earlier step and an output that step's kind records."""
+    kinds = {s.name: s.kind for s in pipeline.steps}
+    for i, step in enumerate(pipeline.steps):
+        earlier = {s.name for s in pipeline.steps[:i]}
+        try:
+            found = references(step.model_dump())
+        except SpecError as exc:
+            raise SpecError(f"{path}: steps.{step.name}: {exc}") from None
+        for name, output, key in found:
+            where = f"{path}: steps.{step.name}: ${{{name}.{output}{'.' + key if key else ''}}}"
+            if name not in kinds:
+                raise SpecError(f"{where}: unknown step {name!r}; steps: {', '.join(kinds)}")
+            if name not in earlier:
+                raise SpecError(f"{where}: step {name!r} does not run before {step.name!r}")
+            allowed = OUTPUTS[kinds[name]]
+            if output not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise SpecError(f"{where}: a {kinds[name]} step has no output {output!r}; outputs: {known}")
+            if key is not None and output not in MAPPINGS:
+                raise SpecError(f"{where}: {output!r} is a single value, not a mapping with keys")
+
+
+def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str, Spec]) -> None:
+    """Load the step's own spec or notebook now, so a typo there also stops the pipeline up front."""
+    where = f"{path}: steps.{step.name}"
+    if isinstance(step, TrainStep | TuneStep):
+        spec_path = step_spec_path(step, path)
+        try:
+            spec = load_spec(spec_path)
+        except SpecError as exc:
+            raise SpecError(f"{where}.spec: {exc}") from None
+        if isinstance(step, TuneStep) and spec.tune is None:
+            raise SpecError(f"{where}.spec: {spec_path} has no tune: section to search with")
+        static = [part for part in (step.set if isinstance(step.set, list) else [step.set]) if isinstance(part, dict)]
+        known = set(spec.parameters()) - {"model", "data"}
+        for part in static:
+            for key in part:
+                if key not in known:
+                    raise SpecError(f"{where}.set.{key}: unknown setting; known: {', '.join(sorted(known))}")
+        try:
+            values = {k: v for part in static for k, v in part.items() if not references(v)}
+            spec.with_overrides(values)
+        except (SpecError, ValidationError) as exc:
+            message = one_line(exc, where + ".set") if isinstance(exc, ValidationError) else f"{where}.set: {exc}"
+            raise SpecError(message) from None
+        specs[step.name] = spec
+        for name, output, key in references(step.set):
+            source = specs.get(name)
+            if output == "best_params" and key is None and source is not None and source.tune is not None:
+                unknown = sorted(set(source.tune.space) - known)
+                if unknown:
+                    raise SpecError(f"{where}.set: ${{{name}.best_params}} holds {unknown[0]!r}, not a setting here")
+    elif isinstance(step, NotebookStep):
+        notebook = notebook_path(step.notebook, path)
+        if not notebook.is_file():
+            raise SpecError(f"{where}.notebook: no such notebook {step.notebook!r}")
+        import papermill
+
+        declared = set(papermill.inspect_notebook(str(notebook)))
+        for key in step.parameters:
+            if key not in declared:
+                known = ", ".join(sorted(declared))
+                raise SpecError(f"{where}.parameters.{key}: not a parameter of {step.notebook}; known: {known}")
+
+
+def step_spec_path(step: TrainStep | TuneStep, pipeline_path: Path) -> Path:
+    """A step's training spec: beside the pipeline file, else relative to the project."""
+    for base in (pipeline_path.parent, PROJECT_ROOT, Path.cwd()):
+        candidate = base / step.spec
+        if candidate.is_file():
+            return candidate
+    return pipeline_path.parent / step.spec
+
+
+def notebook_path(name: str, pipeline_path: Path) -> Path:
+    """A notebook: relative to the project (`notebooks/x.ipynb`), else beside the pipeline file."""
+    for base in (PROJECT_ROOT, pipeline_path.parent, Path.cwd()):
+        if (base / name).is_file():
+            return base / name
+    return PROJECT_ROOT / name
+
+
+def is_pipeline(raw: Any) -> bool:
+    return isinstance(raw, dict) and "steps" in raw
+
+
+def load_pipeline(path: str | Path) -> PipelineSpec:
+    """Read and validate a pipeline spec, its steps' specs and notebooks, and every reference."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if not is_pipeline(raw):
+        raise SpecError(f"{path}: steps: a pipeline spec needs a steps: list")
+    try:
+        pipeline = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(one_line(exc, str(path))) from None
+    _check_references(pipeline, path)
+    specs: dict[str, Spec] = {}
+    for step in pipeline.steps:
+        _check_step(pipeline, step, path, specs)
+    return pipeline
