@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SPEC ?= pipelines/digits_mlp.yaml
+SPEC ?= pipelines/digits_nightly.yaml
 
 .PHONY: setup run test lint bench ui clean
 

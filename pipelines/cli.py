@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.spec import SpecError, load_spec, parse_overrides
+from pipelines.spec_io import SpecError
 
 app = typer.Typer(
     help="Deep-learning experiments as parameterized notebooks, tracked in MLflow.",
@@ -58,6 +58,8 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def _load(spec: Path, overrides: list[str] | None):
+    from pipelines.spec import load_spec, parse_overrides
+
     try:
         return load_spec(spec, parse_overrides(overrides or []))
     except SpecError as exc:
@@ -65,7 +67,7 @@ def _load(spec: Path, overrides: list[str] | None):
 
 
 def _is_pipeline(spec: Path) -> bool:
-    from pipelines.spec import read_yaml
+    from pipelines.spec_io import read_yaml
 
     try:
         return "steps" in (read_yaml(spec) or {})
@@ -351,6 +353,100 @@ def ui(
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     raise typer.Exit(code)
+
+
+schedule_app = typer.Typer(help="Run pipelines on a schedule: add, list, remove, export.", no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store", help="Schedule store URL (default: LABBOOK_SCHEDULER_DB, else sqlite:///mlruns/scheduler.db)."
+    ),
+]
+
+
+@schedule_app.command("add")
+def schedule_add(
+    spec: SpecArg,
+    cron: Annotated[str | None, typer.Option(help='Crontab expression, e.g. "0 3 * * *" (03:00 every day).')] = None,
+    every: Annotated[float | None, typer.Option(min=1, help="Or: every this many seconds.")] = None,
+    id_: Annotated[str | None, typer.Option("--id", help="Schedule id (default: the spec file's name).")] = None,
+    grace: Annotated[
+        int, typer.Option(min=1, help="Seconds a missed fire time may be late and still run (missed ones coalesce).")
+    ] = 3600,
+    store: StoreOpt = None,
+) -> None:
+    """Schedule a pipeline spec; `labbook scheduler` fires it."""
+    from pipelines import schedule
+
+    try:
+        if cron is not None:
+            cron = schedule.check_cron(cron)  # before the spec: the flag is the likelier typo
+        _load_pipeline(spec) if _is_pipeline(spec) else _load(spec, None)
+        added = schedule.add(spec, cron, every, id_, grace, store)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"schedule {added.id}: {added.spec}, {added.trigger}; next fire {_when(added.next_fire)}")
+
+
+@schedule_app.command("list")
+def schedule_list(store: StoreOpt = None) -> None:
+    """Schedules with their next fire time and their last run's state."""
+    from pipelines import schedule
+
+    found = schedule.list_schedules(store)
+    if not found:
+        out.print("no schedules")
+        return
+    last = schedule.last_runs([s.id for s in found])
+    table = Table("id", "pipeline", "schedule", "next fire", "last run", "state", "run id", title="schedules")
+    for s in found:
+        when, state, run_id = last.get(s.id, (None, "", ""))
+        table.add_row(s.id, s.spec, s.trigger, _when(s.next_fire), _when(when) if when else "never", state, run_id)
+    out.print(table)
+
+
+@schedule_app.command("remove")
+def schedule_remove(schedule_id: Annotated[str, typer.Argument(help="The schedule's id.")], store: StoreOpt = None):
+    """Remove a schedule (runs already recorded stay in MLflow)."""
+    from pipelines import schedule
+
+    try:
+        schedule.remove(schedule_id, store)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"schedule {schedule_id} removed")
+
+
+@schedule_app.command("export")
+def schedule_export(
+    format_: Annotated[str, typer.Option("--format", help="crontab or systemd.")] = "crontab",
+    store: StoreOpt = None,
+) -> None:
+    """Print the schedules as crontab lines or systemd units that call `labbook run`."""
+    from pipelines import schedule
+
+    if format_ not in ("crontab", "systemd"):
+        raise _fail(f"--format: got {format_!r}; expected crontab or systemd")
+    found = schedule.list_schedules(store)
+    text = schedule.crontab(found) if format_ == "crontab" else schedule.systemd(found)
+    print(text, end="")
+
+
+@app.command()
+def scheduler(store: StoreOpt = None) -> None:
+    """Run due pipelines until SIGTERM or Ctrl-C (a foreground service; see README)."""
+    import logging
+
+    from pipelines import schedule
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # its own lines repeat ours
+    raise typer.Exit(schedule.serve(store))
+
+
+def _when(moment) -> str:
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z") if moment else "-"
 
 
 def main() -> None:  # pragma: no cover - console entry point

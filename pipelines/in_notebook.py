@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from pipelines import tracking
 from pipelines.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
+from pipelines.tracking import record_outputs
 
 NOTEBOOK = "notebooks/train.ipynb"
 
@@ -83,14 +84,6 @@ def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
     logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
 
 
-def record_outputs(client: Any, run_id: str, outputs: dict[str, Any]) -> None:
-    """Outputs a later pipeline step can reference (`${step.outputs.key}`): tags `labbook.output.<key>` (JSON)."""
-    import json
-
-    for key, value in outputs.items():
-        client.set_tag(run_id, f"{tracking.TAG_PREFIX}output.{key}", json.dumps(value, default=str))
-
-
 def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "val_")) -> Any:
     """Per-epoch metrics as MLflow recorded them: one row per epoch, one column per metric.
 
@@ -132,13 +125,19 @@ def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str |
     """
     import mlflow
     import mlflow.pytorch
+    import torch
 
     if checkpoint:
         logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
     mlflow.set_tracking_uri(logger._tracking_uri)
     module = module.cpu().eval()
     with mlflow.start_run(run_id=logger.run_id):
-        info = mlflow.pytorch.log_model(module, name="model", input_example=example)
+        # The requirements, stated: MLflow would otherwise infer them by loading the model again
+        # in a subprocess (about 9 s of every 10 s of logging); a pt2 model needs torch alone.
+        torch_version = torch.__version__.split("+")[0]
+        info = mlflow.pytorch.log_model(
+            module, name="model", input_example=example, pip_requirements=[f"torch=={torch_version}"]
+        )
     # MLflow 3 keeps the model apart from run artifacts; its own URI is what the registry takes.
     set_tag(logger, "model_uri", info.model_uri)
     return f"runs:/{logger.run_id}/model"

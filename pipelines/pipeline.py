@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from rich.console import Console
@@ -32,7 +32,10 @@ from pipelines.pipeline_spec import (
     step_spec_path,
 )
 from pipelines.run import RunResult, run_notebook
-from pipelines.spec import PROJECT_ROOT, Spec, SpecError, hyperparameters, load_spec
+from pipelines.spec_io import PROJECT_ROOT, SpecError
+
+if TYPE_CHECKING:
+    from pipelines.spec import Spec
 
 KIND = f"{tracking.TAG_PREFIX}kind"
 PIPELINE_TAG = f"{tracking.TAG_PREFIX}pipeline"
@@ -41,7 +44,7 @@ SCHEDULE_TAG = f"{tracking.TAG_PREFIX}schedule_id"
 STEP_TAG = f"{tracking.TAG_PREFIX}step"
 OUTPUTS_TAG = f"{tracking.TAG_PREFIX}outputs."
 STEP_STATE_TAG = f"{tracking.TAG_PREFIX}step_state."
-OUTPUT_TAG = f"{tracking.TAG_PREFIX}output."  # what a notebook records for later steps (see in_notebook)
+OUTPUT_TAG = tracking.OUTPUT_TAG_PREFIX  # what a notebook records for later steps
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
 
@@ -103,6 +106,8 @@ class _Runner:
             self.console.print(text)
 
     def _spec(self, step: TrainStep | TuneStep, outputs: dict[str, dict[str, Any]]) -> tuple[Spec, Path]:
+        from pipelines.spec import load_spec
+
         path = step_spec_path(step, self.path)
         spec = load_spec(path, merged_overrides(step.set, outputs))
         # Steps log into the pipeline's experiment, so the UI nests them under the pipeline run.
@@ -124,6 +129,7 @@ class _Runner:
 
     def train(self, step: TrainStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from pipelines.run import run_training
+        from pipelines.spec import hyperparameters
 
         spec, path = self._spec(step, outputs)
         result = run_training(

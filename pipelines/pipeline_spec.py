@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.spec import PROJECT_ROOT, Spec, SpecError, load_spec, one_line, read_yaml
+if TYPE_CHECKING:
+    from pipelines.spec import Spec
+
+from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
 STEP_NAME = r"^[A-Za-z_][\w-]*$"
@@ -213,6 +216,8 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
     """Load the step's own spec or notebook now, so a typo there also stops the pipeline up front."""
     where = f"{path}: steps.{step.name}"
     if isinstance(step, TrainStep | TuneStep):
+        from pipelines.spec import load_spec  # torch and Lightning: only for steps that train
+
         spec_path = step_spec_path(step, path)
         try:
             spec = load_spec(spec_path)

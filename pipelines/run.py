@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines import notebook, tracking
-from pipelines.spec import Spec
+
+if TYPE_CHECKING:
+    from pipelines.spec import Spec
 
 
 @dataclass(frozen=True)

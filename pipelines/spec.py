@@ -18,14 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lightning_modules import init_parameters
 from lightning_modules.registry import DATA, DERIVED_FROM_DATA, DERIVED_FROM_MODEL, MODELS, data_class, model_class
+from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
 from pipelines.tune_spec import TuneSpec
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
-
-
-class SpecError(ValueError):
-    """A spec is invalid; the message is one line naming the file and the field."""
 
 
 class _Strict(BaseModel):
@@ -209,33 +205,6 @@ class Spec(_Strict):
 
 def _metric_names(model: str) -> list[str]:
     return [f"{split}_{m}" for split in ("val", "train", "test") for m in model_class(model).metric_names]
-
-
-def one_line(error: ValidationError, source: str) -> str:
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"] if part not in ("float", "int", "categorical")) or "spec"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif first["type"] == "missing":
-        message = "required field is missing"
-    elif first["type"].startswith("literal_error"):
-        message = f"got {first['input']!r}; {message[0].lower()}{message[1:]}"
-    elif "input" in first and first["type"] not in ("value_error",):
-        message = f"{message} (got {first['input']!r})"
-    return f"{source}: {field}: {message}"
-
-
-def read_yaml(path: Path) -> Any:
-    """A spec file's YAML, read with the safe loader only; a syntax error is one line with its line."""
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:

@@ -7,6 +7,7 @@ directory) with artifacts in `mlruns/artifacts/`. `MLFLOW_TRACKING_URI` override
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -20,6 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFL
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "labbook."
+OUTPUT_TAG_PREFIX = f"{TAG_PREFIX}output."  # a step's outputs for later steps, as JSON
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
 
 
@@ -143,3 +145,9 @@ def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: 
         params=[Param(k, str(v)[:6000]) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
     )
+
+
+def record_outputs(client: MlflowClient, run_id: str, outputs: dict[str, Any]) -> None:
+    """Outputs a later pipeline step can reference (`${step.outputs.key}`): tags `labbook.output.<key>` (JSON)."""
+    for key, value in outputs.items():
+        client.set_tag(run_id, f"{OUTPUT_TAG_PREFIX}{key}", json.dumps(value, default=str))
