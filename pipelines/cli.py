@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.spec_io import SpecError
@@ -24,6 +25,7 @@ app = typer.Typer(
 # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a CLI; MLflow
 # reads this when first imported (inside the commands). A user's own setting wins.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobytes are noise
 out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
 err = Console(stderr=True, soft_wrap=True)
 
@@ -290,7 +292,8 @@ def compare(
 
 
 def _cell(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A table cell: floats to 4 significant digits; `[image/png]` is text here, not rich markup."""
+    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
 
 
 @app.command()
@@ -319,6 +322,37 @@ def rerun(
     out.print(f"verdict: {done.verdict}" + (f" (tolerance {tolerance:g})" if tolerance else ""))
     if done.verdict in ("differs", "failed"):
         raise _fail(done.result.error or "the rerun did not reproduce the run", code=1)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[str, typer.Argument(help="A run id, e.g. the best trial.")],
+    run_b: Annotated[str, typer.Argument(help="Another run id, e.g. the runner-up.")],
+) -> None:
+    """What differs between two runs: parameters, final metrics, provenance, notebook cells."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.diff import diff as diff_runs
+
+    try:
+        found = diff_runs(run_a, run_b)
+    except (ValueError, MlflowException) as exc:
+        raise _fail(" ".join(str(exc).split())) from None
+    a, b = f"A {run_a[:8]}", f"B {run_b[:8]}"
+    sections = [
+        ("parameters that differ", found.params, ["name", "a", "b"]),
+        ("final metrics", found.metrics, ["name", "a", "b", "diff"]),
+        ("provenance that differs", found.tags, ["name", "a", "b"]),
+        ("notebook cells whose source or outputs differ", found.cells, ["cell", "first_line", "changed", "a", "b"]),
+    ]
+    for title, frame, columns in sections:
+        if frame.empty:
+            out.print(f"{title}: none")
+            continue
+        table = Table(*[{"a": a, "b": b}.get(c, c) for c in columns], title=title)
+        for _, row in frame[columns].iterrows():
+            table.add_row(*("" if v is None or v != v else _cell(v) for v in row))
+        out.print(table)
 
 
 @app.command()

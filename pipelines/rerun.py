@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
+from mlflow import MlflowClient
 
 from pipelines import tracking
 from pipelines.run import RunResult, run_notebook
@@ -39,15 +40,22 @@ class Rerun:
     verdict: str = "exact"  # exact | within tolerance | differs | failed
 
 
+def executed_notebook(client: MlflowClient, run_id: str) -> nbformat.NotebookNode:
+    """The executed notebook attached to a run (`notebook/*.ipynb`)."""
+    executed = [a.path for a in client.list_artifacts(run_id, "notebook") if a.path.endswith(".ipynb")]
+    if not executed:
+        raise ValueError(f"run {run_id} has no executed notebook recorded: it was not made by labbook")
+    return nbformat.read(client.download_artifacts(run_id, executed[0]), as_version=4)
+
+
 def recorded_parameters(run_id: str) -> tuple[Path, dict]:
     """The notebook and the parameters papermill injected into it, from the run's executed copy."""
     client = tracking.client()
     run = client.get_run(run_id)
     notebook_tag = run.data.tags.get(f"{tracking.TAG_PREFIX}notebook")
-    executed = [a.path for a in client.list_artifacts(run_id, "notebook") if a.path.endswith(".ipynb")]
-    if not notebook_tag or not executed:
+    if not notebook_tag:
         raise ValueError(f"run {run_id} has no executed notebook recorded: it was not made by labbook")
-    copy = nbformat.read(client.download_artifacts(run_id, executed[0]), as_version=4)
+    copy = executed_notebook(client, run_id)
     params = dict(copy.metadata.get("papermill", {}).get("parameters", {}))
     if not params:
         raise ValueError(f"run {run_id}: its executed notebook records no parameters")
