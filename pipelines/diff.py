@@ -48,7 +48,7 @@ def diff(run_a: str, run_b: str) -> RunDiff:
         for name, tag in TAGS.items()
         if a.data.tags.get(tag, "") != b.data.tags.get(tag, "")
     ]
-    cells = notebook_cells(executed_notebook(client, run_a), executed_notebook(client, run_b))
+    cells = notebook_cells(executed_notebook(client, run_a), executed_notebook(client, run_b), (run_a, run_b))
     return RunDiff(
         run_a,
         run_b,
@@ -65,8 +65,16 @@ def _minus(a: Any, b: Any, key: str) -> float | None:
     return None
 
 
-def notebook_cells(a: Any, b: Any) -> pd.DataFrame:
-    """One row per cell whose source or outputs differ (nbdime's alignment), with both outputs as text."""
+def notebook_cells(a: Any, b: Any, run_ids: tuple[str, str] = ("", "")) -> pd.DataFrame:
+    """One row per cell whose source or outputs differ (nbdime's alignment), with both outputs as text.
+
+    Each run's own id (printed, and inside its output paths) reads `<run id>` in the text, so the
+    shown difference starts where the results differ, not at an id that always does.
+    """
+
+    def text(cell: Any, run_id: str) -> str:
+        return _text(cell).replace(run_id, "<run id>") if run_id else _text(cell)
+
     from nbdime import diff_notebooks
 
     rows = []
@@ -79,15 +87,16 @@ def notebook_cells(a: Any, b: Any) -> pd.DataFrame:
                 parts = [d["key"] for d in change["diff"] if d["key"] in ("source", "outputs")]
                 if parts:
                     cell = a.cells[index]
-                    text_a, text_b = _where_they_differ(_text(cell), _text(b.cells[_b_index(entry, index)]))
+                    other = b.cells[_b_index(entry, index)]
+                    text_a, text_b = _where_they_differ(text(cell, run_ids[0]), text(other, run_ids[1]))
                     rows.append(_row(index, cell, "+".join(parts), text_a, text_b))
             elif change["op"] == "addrange":
                 for cell in change["valuelist"]:
-                    rows.append(_row(index, cell, "only in B", "", _text(cell)))
+                    rows.append(_row(index, cell, "only in B", "", text(cell, run_ids[1])))
             elif change["op"] == "removerange":
                 for offset in range(change["length"]):
                     cell = a.cells[index + offset]
-                    rows.append(_row(index + offset, cell, "only in A", _text(cell), ""))
+                    rows.append(_row(index + offset, cell, "only in A", text(cell, run_ids[0]), ""))
     return pd.DataFrame(rows, columns=["cell", "first_line", "changed", "a", "b"])
 
 
