@@ -271,7 +271,7 @@ def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
     signal.signal(signal.SIGINT, handler)
     scheduler.start()
     jobs = scheduler.get_jobs()
-    log.info("scheduler on %s: %d schedule(s)", _redact(url), len(jobs))
+    log.info("scheduler on %s: %d schedule(s)", tracking.redact(url), len(jobs))
     for job in jobs:
         log.info("schedule %s: %s, next fire %s", job.id, _describe(job).trigger, job.next_run_time)
     while not stop.wait(poll_seconds):
@@ -292,10 +292,6 @@ def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
     scheduler.shutdown(wait=True)
     log.info("scheduler stopped")
     return 0
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 # --- export for the system's scheduler ------------------------------------------------------

@@ -51,6 +51,11 @@ def output_dir(uri: str, run_id: str) -> Path:
     return (local_store_dir(uri) or Path.cwd() / "mlruns") / "outputs" / run_id
 
 
+def redact(url: str) -> str:
+    """A storage or tracking URL fit to print or tag: its password replaced by `***`."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 

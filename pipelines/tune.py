@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -100,10 +99,6 @@ def open_study(
     return Study(spec, spec_path, name, url, n_trials, timeout, parent_run_id)
 
 
-def _redact(url: str) -> str:
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
 def _suggest(trial: optuna.Trial, name: str, dist: FloatRange | IntRange | Categorical) -> Any:
     if isinstance(dist, FloatRange):
         return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
@@ -153,7 +148,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
         tags={
             f"{tracking.TAG_PREFIX}kind": "study",
             f"{tracking.TAG_PREFIX}study_name": handle.name,
-            f"{tracking.TAG_PREFIX}storage": _redact(handle.storage_url),
+            f"{tracking.TAG_PREFIX}storage": tracking.redact(handle.storage_url),
             f"{tracking.TAG_PREFIX}spec": handle.spec.name,
             **tracking.provenance_tags(handle.spec.trainer.seed, handle.spec.notebook),
         },
@@ -357,7 +352,7 @@ def tune(
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # kernels inherit it: no oversubscription
     if console:
-        console.print(f"study {handle.name!r} on {_redact(handle.storage_url)}; MLflow parent run {parent}")
+        console.print(f"study {handle.name!r} on {tracking.redact(handle.storage_url)}; MLflow parent run {parent}")
         console.print(progress_line(created, handle))
     started = time.monotonic()
     others = _worker_processes(handle, workers - 1)
