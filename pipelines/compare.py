@@ -39,9 +39,9 @@ def compare(
     mlflow.set_tracking_uri(uri)
     filters = []
     if study:
-        filters.append(f"tags.`{tracking.TAG_PREFIX}study_name` = '{_quote(study)}'")
+        filters.append(f"tags.`{tracking.TAG_PREFIX}study_name` = {tracking.literal(study)}")
     if pipeline_run:
-        filters.append(f"tags.`mlflow.parentRunId` = '{_quote(pipeline_run)}'")
+        filters.append(f"tags.`mlflow.parentRunId` = {tracking.literal(pipeline_run)}")
     names = [experiment] if experiment else None
     if experiment and tracking.client(uri).get_experiment_by_name(experiment) is None:
         raise ValueError(f"--experiment: no experiment named {experiment!r} in {uri}")
@@ -63,10 +63,6 @@ def compare(
         )
     frame = frame.reset_index(drop=True)
     return frame.head(top) if top else frame
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 def _tidy(runs: pd.DataFrame) -> pd.DataFrame:

@@ -73,7 +73,7 @@ def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str 
     runs = (
         mlflow.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`{PIPELINE_TAG}` = '{pipeline.name}' and tags.`{KIND}` = 'pipeline'",
+            filter_string=f"tags.`{PIPELINE_TAG}` = {tracking.literal(pipeline.name)} and tags.`{KIND}` = 'pipeline'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

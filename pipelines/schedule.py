@@ -191,7 +191,7 @@ def last_runs(schedule_ids: list[str]) -> dict[str, tuple[datetime, str, str]]:
     for schedule_id in schedule_ids:
         runs = client.search_runs(
             experiments,
-            filter_string=f"tags.`{tracking.TAG_PREFIX}schedule_id` = '{schedule_id}'",
+            filter_string=f"tags.`{tracking.TAG_PREFIX}schedule_id` = {tracking.literal(schedule_id)}",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

@@ -56,6 +56,19 @@ def redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+def literal(value: str) -> str:
+    """`value` as a string literal in an MLflow search filter.
+
+    MLflow's filter grammar has no escape for a quote inside a quoted string (a backslash or a
+    doubled quote match nothing); it takes either quote character, so use the one not inside.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: MLflow cannot search for a value holding both ' and \"")
+
+
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 

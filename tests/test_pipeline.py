@@ -224,3 +224,18 @@ def test_cli_rejects_a_bad_reference_with_exit_2_and_writes_nothing(tmp_path: Pa
         assert done.returncode == 2, done.stderr
         assert done.stderr.strip().count("\n") == 0 and "unknown step 'ghost'" in done.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_from_finds_the_latest_run_of_a_pipeline_whose_name_has_a_quote(store: str, tmp_path: Path) -> None:
+    from pipelines import tracking
+    from pipelines.pipeline import find_pipeline_run
+
+    path = write(tmp_path, {"name": "it's", "steps": [{"name": "only", "kind": "notebook", "notebook": STEP}]})
+    pipeline = load_pipeline(path)
+    client = MlflowClient(store)
+    tags = {"labbook.kind": "pipeline", "labbook.pipeline": "it's"}
+    older = tracking.start_run(client, pipeline.experiment_name, "pipeline:it's", tags=tags)
+    newer = tracking.start_run(client, pipeline.experiment_name, "pipeline:it's", tags=tags)
+    assert find_pipeline_run(client, pipeline) == newer != older
+    with pytest.raises(SpecError, match="not a run of pipeline"):
+        find_pipeline_run(client, pipeline.model_copy(update={"name": "other"}), older)
