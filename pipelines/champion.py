@@ -18,7 +18,7 @@ def promote(name: str, run_id: str, metric: str, direction: str, value: float) -
     uri = tracking.tracking_uri()
     mlflow.set_tracking_uri(uri)
     client = tracking.client(uri)
-    model_uri = client.get_run(run_id).data.tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{run_id}/model")
+    model_uri = tracking.model_uri(client, run_id)
     version = mlflow.register_model(model_uri, name, tags={f"{tracking.TAG_PREFIX}run_id": run_id})
     key = f"{tracking.TAG_PREFIX}{metric}"
     client.set_model_version_tag(name, version.version, key, str(value))

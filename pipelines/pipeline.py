@@ -59,7 +59,6 @@ class PipelineResult:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed_step: str | None = None
     error: str | None = None
-    ran: list[str] = field(default_factory=list)  # steps executed by this call (not reused)
 
 
 def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str | None = None) -> str:
@@ -85,9 +84,10 @@ def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str 
     return runs[0].info.run_id
 
 
-def recorded_outputs(mlflow: MlflowClient, run_id: str) -> dict[str, dict[str, Any]]:
+def recorded_outputs(mlflow: MlflowClient, run_id: str, prefix: str = OUTPUTS_TAG) -> dict[str, Any]:
+    """The JSON tags `<prefix><name>` of a run, by name: a pipeline's step outputs, or a notebook's."""
     tags = mlflow.get_run(run_id).data.tags
-    return {k.removeprefix(OUTPUTS_TAG): json.loads(v) for k, v in tags.items() if k.startswith(OUTPUTS_TAG)}
+    return {k.removeprefix(prefix): json.loads(v) for k, v in tags.items() if k.startswith(prefix)}
 
 
 class _Runner:
@@ -137,10 +137,9 @@ class _Runner:
         )
         if result.error:
             raise StepFailed(f"{result.error} (run {result.run_id})")
-        tags = self.mlflow.get_run(result.run_id).data.tags
         return {
             "run_id": result.run_id,
-            "model_uri": tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{result.run_id}/model"),
+            "model_uri": tracking.model_uri(self.mlflow, result.run_id),
             "metrics": result.metrics,
             "params": hyperparameters(spec.parameters()),
         }
@@ -157,19 +156,19 @@ class _Runner:
             self.mlflow.set_tag(result.parent_run_id, key, value)
         if result.counts["COMPLETE"] == 0:
             raise StepFailed(f"no trial of study {name!r} completed (run {result.parent_run_id})")
-        best_tags = self.mlflow.get_run(result.best_run_id).data.tags if result.best_run_id else {}
         return {
             "run_id": result.parent_run_id,
             "study_name": name,
             "best_params": tune.decoded_params(handle.tune, result.best_params),
             "best_value": result.best_value,
             "best_run_id": result.best_run_id,
-            "model_uri": best_tags.get(f"{tracking.TAG_PREFIX}model_uri", f"runs:/{result.best_run_id}/model"),
+            "model_uri": tracking.model_uri(self.mlflow, result.best_run_id) if result.best_run_id else None,
         }
 
     def notebook(self, step: NotebookStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         result = self._notebook(notebook_path(step.notebook, self.path), step, resolve(step.parameters, outputs))
-        return {"run_id": result.run_id, "metrics": result.metrics, "outputs": self._recorded(result.run_id)}
+        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        return {"run_id": result.run_id, "metrics": result.metrics, "outputs": recorded}
 
     def register(self, step: RegisterStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         params = {
@@ -179,7 +178,7 @@ class _Runner:
             "direction": step.direction,
         }
         result = self._notebook(NOTEBOOKS / "register.ipynb", step, params)
-        return {"run_id": result.run_id, **self._recorded(result.run_id)}
+        return {"run_id": result.run_id, **recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)}
 
     def report(self, step: ReportStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from pipelines import study as studies
@@ -200,10 +199,6 @@ class _Runner:
             if executed.exists():
                 self.mlflow.log_artifact(self.parent, str(executed), "report")
         return {"run_id": result.run_id}
-
-    def _recorded(self, run_id: str) -> dict[str, Any]:
-        tags = self.mlflow.get_run(run_id).data.tags
-        return {k.removeprefix(OUTPUT_TAG): json.loads(v) for k, v in tags.items() if k.startswith(OUTPUT_TAG)}
 
     def run_step(self, step: Step, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The step, tried `1 + retries` times; every attempt stays recorded as its own run."""
@@ -284,7 +279,6 @@ def run_pipeline(
             mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FAILED")
             tracking.finish_run(mlflow, parent, f"step {step.name}: {reason}")
             raise
-        result.ran.append(step.name)
         mlflow.set_tag(parent, OUTPUTS_TAG + step.name, json.dumps(outputs[step.name], default=str))
         mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FINISHED")
         runner.say(f"step {step.name} done: " + ", ".join(f"{k}={_short(v)}" for k, v in outputs[step.name].items()))

@@ -32,7 +32,7 @@ STEP_NAME = r"^[A-Za-z_][\w-]*$"
 # What each step kind records for later steps; the mappings among them can be indexed by key.
 OUTPUTS: dict[str, set[str]] = {
     "train": {"run_id", "model_uri", "metrics", "params"},
-    "tune": {"run_id", "study_name", "storage", "best_params", "best_value", "best_run_id", "model_uri"},
+    "tune": {"run_id", "study_name", "best_params", "best_value", "best_run_id", "model_uri"},
     "notebook": {"run_id", "metrics", "outputs"},
     "register": {"run_id", "model_name", "version", "promoted", "champion_version", "model_uri"},
     "report": {"run_id"},

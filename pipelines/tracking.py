@@ -69,6 +69,11 @@ def literal(value: str) -> str:
     raise ValueError(f"{value!r}: MLflow cannot search for a value holding both ' and \"")
 
 
+def model_uri(mlflow: MlflowClient, run_id: str) -> str:
+    """The model a run logged: MLflow 3's own model URI (tagged by `log_model`), else `runs:/<id>/model`."""
+    return mlflow.get_run(run_id).data.tags.get(f"{TAG_PREFIX}model_uri", f"runs:/{run_id}/model")
+
+
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
