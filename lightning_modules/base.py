@@ -28,6 +28,8 @@ class TrainableModule(L.LightningModule):
     task: ClassVar[str]
     # The rank of one input example the net needs: 3 for (channels, height, width), None for any.
     input_rank: ClassVar[int | None] = None
+    # What one input is: "features" (floats) or "tokens" (integer ids); must match the data's.
+    input_kind: ClassVar[str] = "features"
 
     def __init__(
         self,
@@ -110,8 +112,10 @@ class TrainableModule(L.LightningModule):
         warmup = min(total - 1, s["warmup_epochs"] * per_epoch)
         if s["scheduler"] == "onecycle":
             pct = warmup / total if warmup > 0 else 0.3
+            # Per-group peaks, so a layer-wise learning-rate decay survives the schedule.
+            peaks = [group["lr"] for group in opt.param_groups]
             return torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=s["lr"], total_steps=total, pct_start=max(pct, 1.0 / total)
+                opt, max_lr=peaks, total_steps=total, pct_start=max(pct, 1.0 / total)
             )
 
         def factor(step: int) -> float:

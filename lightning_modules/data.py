@@ -26,10 +26,14 @@ def fingerprint(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-class ArrayDataModule(L.LightningDataModule):
-    """Splits in-memory arrays into stratified train/val/test sets and serves them."""
+class SplitDataModule(L.LightningDataModule):
+    """Train/val/test splits held in memory, served by seeded loaders, described by `summary()`.
+
+    `task` and `input_kind` say which models can use it (see `registry.build_model`).
+    """
 
     task: str
+    input_kind = "features"  # or "tokens": integer ids for a language model or text encoder
     input_shape: tuple[int, ...]
 
     def __init__(self, batch_size: int, val_fraction: float, test_fraction: float, seed: int) -> None:
@@ -42,30 +46,6 @@ class ArrayDataModule(L.LightningDataModule):
         self.seed = seed
         self.splits: dict[str, TensorDataset] = {}
         self.fingerprint = ""
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features, targets and the labels to stratify on."""
-        raise NotImplementedError
-
-    def to_tensors(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        raise NotImplementedError
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        x, y, strata = self.arrays()
-        self.fingerprint = fingerprint(x, y)
-        index = np.arange(len(x))
-        rest, test = train_test_split(index, test_size=self.test_fraction, random_state=self.seed, stratify=strata)
-        train, val = train_test_split(
-            rest,
-            test_size=self.val_fraction / (1 - self.test_fraction),
-            random_state=self.seed,
-            stratify=strata[rest],
-        )
-        self.splits = {
-            name: self.to_tensors(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
-        }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
@@ -90,6 +70,34 @@ class ArrayDataModule(L.LightningDataModule):
             "input_shape": self.input_shape,
             **{f"{name}_size": len(ds) for name, ds in self.splits.items()},
             "fingerprint": self.fingerprint,
+        }
+
+
+class ArrayDataModule(SplitDataModule):
+    """Splits in-memory arrays into stratified train/val/test sets."""
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features, targets and the labels to stratify on."""
+        raise NotImplementedError
+
+    def to_tensors(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        x, y, strata = self.arrays()
+        self.fingerprint = fingerprint(x, y)
+        index = np.arange(len(x))
+        rest, test = train_test_split(index, test_size=self.test_fraction, random_state=self.seed, stratify=strata)
+        train, val = train_test_split(
+            rest,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            random_state=self.seed,
+            stratify=strata[rest],
+        )
+        self.splits = {
+            name: self.to_tensors(x[idx], y[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
         }
 
 

@@ -14,22 +14,30 @@ from typing import Any
 import lightning.pytorch as L
 
 from lightning_modules.base import TrainableModule
-from lightning_modules.data import ArrayDataModule, DigitsDataModule, RegressionDataModule
+from lightning_modules.data import DigitsDataModule, RegressionDataModule, SplitDataModule
+from lightning_modules.finetune import FineTune
+from lightning_modules.gpt import GPT
 from lightning_modules.models import CNN, MLPClassifier, MLPRegressor
+from lightning_modules.text_data import DocstringsDataModule, TextDataModule
 
 MODELS: dict[str, type[TrainableModule]] = {
     "mlp_classifier": MLPClassifier,
     "cnn": CNN,
     "mlp_regressor": MLPRegressor,
+    "gpt": GPT,
+    "finetune": FineTune,  # needs the `nlp` extra when built
 }
-DATA: dict[str, type[ArrayDataModule]] = {
+DATA: dict[str, type[SplitDataModule]] = {
     "digits": DigitsDataModule,
     "regression": RegressionDataModule,
+    "text": TextDataModule,
+    "docstrings": DocstringsDataModule,  # needs the `nlp` extra when built
 }
-# Model arguments that come from the data module, and data arguments that come from the model:
-# never set by a spec, so `-p model cnn` alone gives the CNN its images.
-DERIVED_FROM_DATA = ("input_shape", "num_classes")
-DERIVED_FROM_MODEL = ("flatten",)
+# Model arguments that come from the data module (never set by a spec), and data arguments
+# that come from the model: `-p model cnn` alone gives the CNN its images, and the text data
+# cuts its windows to the GPT's own `block_size` (a model setting).
+DERIVED_FROM_DATA = ("input_shape", "num_classes", "vocab_size")
+DERIVED_FROM_MODEL = ("flatten", "block_size")
 
 
 def _lookup(kind: str, name: str, table: Mapping[str, type]) -> type:
@@ -43,7 +51,7 @@ def model_class(name: str) -> type[TrainableModule]:
     return _lookup("model", name, MODELS)
 
 
-def data_class(name: str) -> type[ArrayDataModule]:
+def data_class(name: str) -> type[SplitDataModule]:
     return _lookup("data", name, DATA)
 
 
@@ -67,24 +75,40 @@ def pick(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
     return {name: params[name] for name in init_parameters(cls) if name in params}
 
 
-def build_data(params: Mapping[str, Any]) -> ArrayDataModule:
+def check_fit(model: str, data: str) -> None:
+    """A model trains on a data set only if they share the task and the kind of input."""
+    model_cls, data_cls = model_class(model), data_class(data)
+    if model_cls.task != data_cls.task or model_cls.input_kind != data_cls.input_kind:
+        fitting = [n for n, c in DATA.items() if (c.task, c.input_kind) == (model_cls.task, model_cls.input_kind)]
+        raise ValueError(
+            f"model {model!r} is for {model_cls.task} but data {data!r} is {data_cls.task}"
+            + ("" if model_cls.input_kind == data_cls.input_kind else f" ({data_cls.input_kind})")
+            + f"; pick a data set made for it ({', '.join(fitting)})"
+        )
+
+
+def build_data(params: Mapping[str, Any]) -> SplitDataModule:
     """Build `params["data"]`, shaped for `params["model"]` (images for a CNN, vectors otherwise)."""
     cls = data_class(params["data"])
+    model_cls = model_class(params["model"])
     kwargs = {k: v for k, v in pick(cls, params).items() if k not in DERIVED_FROM_MODEL}
-    if "flatten" in init_parameters(cls):
-        kwargs["flatten"] = model_class(params["model"]).input_rank != 3
+    wanted = init_parameters(cls)
+    if "flatten" in wanted:
+        kwargs["flatten"] = model_cls.input_rank != 3
+    if "block_size" in wanted:
+        model_default = init_parameters(model_cls).get("block_size")
+        kwargs["block_size"] = params.get("block_size", getattr(model_default, "default", 64))
     return cls(**kwargs)
 
 
-def build_model(params: Mapping[str, Any], datamodule: ArrayDataModule) -> TrainableModule:
+def build_model(params: Mapping[str, Any], datamodule: SplitDataModule) -> TrainableModule:
     """Build `params["model"]` for `datamodule`, checking the task and the input they share."""
+    check_fit(params["model"], params["data"])
     cls = model_class(params["model"])
-    if cls.task != datamodule.task:
-        raise ValueError(
-            f"model {params['model']!r} is for {cls.task} but data {params['data']!r} is {datamodule.task}"
-        )
     kwargs = {k: v for k, v in pick(cls, params).items() if k not in DERIVED_FROM_DATA}
-    kwargs["input_shape"] = tuple(datamodule.input_shape)
-    if "num_classes" in init_parameters(cls):
-        kwargs["num_classes"] = datamodule.num_classes  # type: ignore[attr-defined]
+    wanted = init_parameters(cls)
+    for name in DERIVED_FROM_DATA:
+        if name in wanted:
+            value = getattr(datamodule, name)
+            kwargs[name] = tuple(value) if name == "input_shape" else value
     return cls(**kwargs)

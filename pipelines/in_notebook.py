@@ -43,6 +43,34 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     return MLFlowLogger(tracking_uri=uri, run_id=run_id)
 
 
+def lesson_run(
+    tracking_uri: str, experiment_name: str, run_id: str, parent_run_id: str, notebook: str, seed: int | None = None
+) -> tuple[Any, str]:
+    """The MLflow client and run a notebook that is not a training run logs its plots into.
+
+    Under `labbook run` or a pipeline step, the run already exists (`run_id`); under plain
+    papermill one is created here, with the same provenance tags.
+    """
+    client = tracking.client(tracking_uri or tracking.tracking_uri())
+    if not run_id:
+        run_id = tracking.start_run(
+            client,
+            experiment_name or "labbook",
+            run_name=Path(notebook).stem,
+            parent_run_id=parent_run_id or None,
+            tags=tracking.provenance_tags(seed, notebook),
+        )
+    return client, run_id
+
+
+def log_lesson(client: Any, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """A lesson notebook's settings and results, in one batched call."""
+    from mlflow.entities import Metric
+
+    tracking.log_params(client, run_id, params)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+
 def pruning_callback(params: dict[str, Any]) -> Any:
     """Optuna's Lightning pruning callback for this notebook's trial, or None outside a study.
 
@@ -62,6 +90,72 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get("pruner", {})))
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
     return PyTorchLightningPruningCallback(optuna.trial.Trial(loaded, trial_id), monitor=params["monitor"])
+
+
+def strategy(name: str) -> Any:
+    """Lightning's strategy for `name`, launched so that it works inside a Jupyter kernel.
+
+    A kernel cannot re-run itself as a script (what `ddp` does) nor pickle notebook-defined
+    objects into new interpreters (`ddp_spawn`), so Lightning refuses both there. Inside a
+    kernel, `ddp`/`ddp_spawn` become `ddp_notebook` (same DDP, processes forked from the kernel),
+    and `fsdp` becomes Lightning's FSDP strategy with the same fork launcher. As a script
+    (torchrun, SLURM) every name reaches Lightning unchanged.
+    """
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    if not _IS_INTERACTIVE:
+        return name
+    if name in ("ddp", "ddp_spawn"):
+        return "ddp_notebook"
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        # Lightning ships no fork-launched FSDP; this is `ddp_notebook`'s launcher on FSDP.
+        class NotebookFSDP(FSDPStrategy):
+            def _configure_launcher(self) -> None:
+                self._launcher = _MultiProcessingLauncher(self, start_method="fork")
+
+        return NotebookFSDP()
+    return name
+
+
+def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> list[Any]:
+    """Best and last checkpoints, the learning rate per epoch, early stopping and pruning if asked.
+
+    The first callback is the checkpoint (the notebook reads `best_model_path` from it).
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    found: list[Any] = [
+        ModelCheckpoint(
+            dirpath=output_dir(params, run_id) / "checkpoints",
+            filename="best-{epoch}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=True,
+        ),
+        LearningRateMonitor(logging_interval="epoch"),
+    ]
+    if params.get("early_stopping_patience"):
+        found.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(params["early_stopping_patience"])))
+    pruning = pruning_callback(params)
+    if pruning is not None:
+        found.append(pruning)
+    return found
+
+
+def check_pruned(callbacks: list[Any]) -> None:
+    """Raise `TrialPruned` on every rank if the study's pruner stopped this trial (DDP-safe)."""
+    for callback in callbacks:
+        if hasattr(callback, "check_pruned"):
+            callback.check_pruned()
+
+
+def log_text(logger: MLFlowLogger, text: str, path: str) -> None:
+    """Attach a piece of text (a generated sample, a report) as an artifact at `path`."""
+    logger.experiment.log_text(logger.run_id, text, path)
 
 
 def monitored(params: dict[str, Any], default: tuple[str, str]) -> tuple[str, str]:
@@ -118,8 +212,14 @@ def log_table(logger: MLFlowLogger, frame: Any, name: str) -> None:
         logger.experiment.log_artifact(logger.run_id, str(path), "tables")
 
 
-def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str | os.PathLike | None = None) -> str:
-    """Log the trained module as an MLflow PyTorch model named `model` (and its checkpoint).
+def log_model(
+    logger: MLFlowLogger,
+    module: Any,
+    example: Any,
+    checkpoint: str | os.PathLike | None = None,
+    last_checkpoint: str | os.PathLike | None = None,
+) -> str:
+    """Log the trained module as an MLflow PyTorch model named `model` (and its checkpoints).
 
     Returns the model URI `runs:/<run id>/model`, which `mlflow.pytorch.load_model` reloads.
     """
@@ -127,8 +227,9 @@ def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str |
     import mlflow.pytorch
     import torch
 
-    if checkpoint:
-        logger.experiment.log_artifact(logger.run_id, str(checkpoint), "checkpoints")
+    for path in (checkpoint, last_checkpoint):
+        if path and Path(path).exists():
+            logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
     mlflow.set_tracking_uri(logger._tracking_uri)
     module = module.cpu().eval()
     with mlflow.start_run(run_id=logger.run_id):
@@ -145,7 +246,13 @@ def log_model(logger: MLFlowLogger, module: Any, example: Any, checkpoint: str |
 
 __all__ = [
     "TRACKING_PARAMETERS",
+    "callbacks",
+    "check_pruned",
     "hyperparameters",
+    "lesson_run",
+    "log_lesson",
+    "log_text",
+    "strategy",
     "monitored",
     "notebook_parameters",
     "pruning_callback",

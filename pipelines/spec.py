@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from lightning_modules import init_parameters
-from lightning_modules.registry import DATA, DERIVED_FROM_DATA, DERIVED_FROM_MODEL, MODELS, data_class, model_class
+from lightning_modules.registry import (
+    DATA,
+    DERIVED_FROM_DATA,
+    DERIVED_FROM_MODEL,
+    MODELS,
+    check_fit,
+    data_class,
+    model_class,
+)
 from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
 from pipelines.tune_spec import TuneSpec
 
@@ -43,17 +51,42 @@ class OptimSpec(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+def _strategies() -> list[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
 class TrainerSpec(_Strict):
     max_epochs: int = Field(10, ge=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
     devices: int | str | list[int] = "auto"
     num_nodes: int = Field(1, ge=1)
+    # Lightning's own names: auto, ddp, ddp_spawn, ddp_notebook, fsdp, deepspeed, ... (checked below).
+    # In a notebook, ddp/ddp_spawn/fsdp run through fork (see pipelines.in_notebook.strategy).
     strategy: str = "auto"
     precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     seed: int = 42
     accumulate_grad_batches: int = Field(1, ge=1)
     gradient_clip_val: float | None = Field(None, ge=0)
+    compile: bool = False  # torch.compile the model before fitting
+    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement of the monitor
     enable_progress_bar: bool = True
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        known = _strategies()
+        if value not in known:
+            raise ValueError(f"unknown strategy {value!r}; allowed: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fsdp_needs_a_gpu(self) -> TrainerSpec:
+        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
+            # torch's FSDP refuses CPU-only processes; DDP (gloo) is the multi-process choice there.
+            raise ValueError("strategy fsdp needs a GPU (torch FSDP does not run on CPU); use ddp on CPU")
+        return self
 
 
 class _Named(BaseModel):
@@ -69,10 +102,11 @@ class _Named(BaseModel):
     def _check_arguments(self) -> _Named:
         # The registry's lookup says "unknown model 'x'; known: ..." for an unknown name.
         cls = model_class(self.name) if self._kind == "model" else data_class(self.name)
+        derived = DERIVED_FROM_DATA if self._kind == "model" else DERIVED_FROM_MODEL
         own = {
             n: p
             for n, p in init_parameters(cls).items()
-            if n not in DERIVED_FROM_DATA + DERIVED_FROM_MODEL and n not in self._common and n not in _OTHER_SECTIONS
+            if n not in derived and n not in self._common and n not in _OTHER_SECTIONS
         }
         extra = dict(self.__pydantic_extra__ or {})
         unknown = sorted(set(extra) - set(own))
@@ -119,12 +153,7 @@ class Spec(_Strict):
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Spec:
-        model, data = model_class(self.model.name), data_class(self.data.name)
-        if model.task != data.task:
-            raise ValueError(
-                f"model {self.model.name!r} is for {model.task} but data {self.data.name!r} is {data.task}; "
-                f"pick a {model.task} data set ({', '.join(n for n, c in DATA.items() if c.task == model.task)})"
-            )
+        check_fit(self.model.name, self.data.name)
         return self
 
     @model_validator(mode="after")
@@ -261,13 +290,19 @@ TRACKING_PARAMETERS = (
 
 
 def _setting_names(models: list[type], datas: list[type]) -> set[str]:
-    """Every setting those model and data classes take, plus the sections' own; never derived ones."""
+    """Every setting those model and data classes take, plus the sections' own; never derived ones.
+
+    A model setting the data also reads (`block_size`) stays a setting: it is derived only for the data.
+    """
+    model_names = {n for cls in models for n in init_parameters(cls)} - set(DERIVED_FROM_DATA)
+    data_names = {n for cls in datas for n in init_parameters(cls)} - set(DERIVED_FROM_MODEL)
     return (
         {"model", "data", "dropout", "batch_size"}
-        | {n for cls in models + datas for n in init_parameters(cls)}
+        | model_names
+        | data_names
         | set(OptimSpec.model_fields)
         | set(TrainerSpec.model_fields)
-    ) - set(DERIVED_FROM_DATA + DERIVED_FROM_MODEL)
+    )
 
 
 def hyperparameters(params: dict[str, Any]) -> dict[str, Any]:

@@ -79,7 +79,8 @@ def test_run_digits_mlp_is_one_finished_tracked_run(store: str, tmp_path: Path) 
         "plots/confusion_matrix.png",
         "tables/metrics_per_epoch.csv",
     } <= artifacts
-    [checkpoint] = [a for a in artifacts if a.startswith("checkpoints/")]
+    [checkpoint] = [a for a in artifacts if a.startswith("checkpoints/best-")]
+    assert "checkpoints/last.ckpt" in artifacts  # best for evaluating, last for resuming
     executed = nbformat.read(client.download_artifacts(run_id, "notebook/train.ipynb"), as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
     assert "<html" in Path(client.download_artifacts(run_id, "notebook/train.html")).read_text()[:2000].lower()
@@ -185,7 +186,7 @@ def test_plain_papermill_runs_the_notebook_and_tracks_it(store: str, tmp_path: P
     assert run.info.status == "FINISHED" and run.data.tags["labbook.notebook"] == "notebooks/train.ipynb"
     # MLflow's default pt2 format (torch.export): no pickle, so loading runs no code of ours.
     reloaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    [checkpoint] = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    [checkpoint] = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints") if "best-" in a.path]
     best = model_class("cnn").load_from_checkpoint(client.download_artifacts(run.info.run_id, checkpoint)).eval()
     datamodule = build_data({"model": "cnn", "data": "digits"})
     datamodule.setup()
