@@ -29,7 +29,15 @@ def changed(section: str, **values) -> dict:
 
 def test_shipped_specs_are_valid() -> None:
     names = {path.stem for path in SHIPPED}
-    assert {"digits_mlp", "digits_cnn", "regression_mlp", "digits_nightly"} <= names
+    assert {
+        "digits_mlp",
+        "digits_cnn",
+        "regression_mlp",
+        "digits_nightly",
+        "tinygpt",
+        "finetune_minilm",
+        "lessons",
+    } <= names
     for path in SHIPPED:
         if "steps" in yaml.safe_load(path.read_text()):
             load_pipeline(path)
