@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipelines.errors import TrackingUnavailable
 from pipelines.spec_io import SpecError
 
 app = typer.Typer(
@@ -95,6 +96,26 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
         return
     loaded = _load(spec, set_)
     out.print(f"{spec}: ok ({loaded.model.name} on {loaded.data.name}, {loaded.trainer.max_epochs} epochs)")
+
+
+@app.command()
+def script(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the script.")] = Path("train.py"),
+    output_dir: Annotated[
+        str | None,
+        typer.Option(help="Folder for checkpoints/; across nodes, one all nodes read (default: beside the store)."),
+    ] = None,
+) -> None:
+    """Write a training spec's notebook as a Python script, for torchrun or srun on several nodes."""
+    from pipelines.script import notebook_script
+
+    loaded = _load(spec, set_)
+    written = notebook_script(loaded, spec, output, output_dir)
+    t = loaded.trainer
+    out.print(f"wrote {written}: {loaded.model.name} on {loaded.data.name}, strategy {t.strategy}, devices {t.devices}")
+    out.print(f"launch: torchrun --nnodes {t.num_nodes} --nproc-per-node {t.devices} ... {written}")
 
 
 @app.command()
@@ -215,6 +236,8 @@ def tune(
         )
     except SpecError as exc:
         raise _fail(str(exc)) from None
+    except TrackingUnavailable as exc:
+        raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
     if result.counts["COMPLETE"] == 0:
@@ -231,6 +254,7 @@ def worker(
     timeout: TimeoutOpt = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for `labbook tune` to create the study.")] = 0.0,
 ) -> None:
     """Join a study started by `labbook tune` and run trials until its budget is spent."""
     from pipelines.tune import run_worker
@@ -238,9 +262,11 @@ def worker(
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
     _stop_on_sigterm()
     try:
-        run_worker(handle, console=None if quiet else out)
+        run_worker(handle, console=None if quiet else out, wait=wait)
     except SpecError as exc:
         raise _fail(str(exc)) from None
+    except TrackingUnavailable as exc:
+        raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
 
@@ -371,7 +397,11 @@ def ui(
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    _serve(command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
+
+
+def _serve(command: list[str], env: dict[str, str]) -> None:
+    """Run a server in the foreground until it exits, Ctrl-C or SIGTERM; exit with its code."""
     # Its own process group, so stopping labbook (Ctrl-C or SIGTERM) stops the server's whole tree.
     server = subprocess.Popen(command, env=env, start_new_session=True)
     _stop_on_sigterm()
@@ -387,6 +417,39 @@ def ui(
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     raise typer.Exit(code)
+
+
+@app.command()
+def server(
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Where runs live: postgresql://user@db/mlflow (or a sqlite:/// file).")
+    ],
+    artifacts_destination: Annotated[
+        str, typer.Option(help="Where the server keeps artifacts: a folder, s3://, gs://, ... Workers need no access.")
+    ],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 lets other machines in.")] = "127.0.0.1",
+    auth: Annotated[
+        bool,
+        typer.Option(help="MLflow's basic auth; admin login from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."),
+    ] = False,
+    auth_db: Annotated[
+        str | None, typer.Option(help="Where --auth keeps users (default: sqlite:///mlruns/basic_auth.db).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Server worker processes.")] = None,
+) -> None:
+    """Start an MLflow tracking server with proxied artifacts, for workers on many machines."""
+    from pipelines.server import server_command
+    from pipelines.tracking import redact
+
+    try:
+        command = server_command(backend_store_uri, artifacts_destination, host, port, auth, auth_db, workers)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    login = " (basic auth)" if auth else ""
+    out.print(f"MLflow server{login} for {redact(backend_store_uri)} at {command.url}  (Ctrl-C to stop)")
+    out.print(f"workers: MLFLOW_TRACKING_URI={command.url} labbook worker SPEC --storage postgresql://...")
+    _serve(command.argv, command.env)
 
 
 schedule_app = typer.Typer(help="Run pipelines on a schedule: add, list, remove, export.", no_args_is_help=True)

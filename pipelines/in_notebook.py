@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 
 from pipelines import tracking
 from pipelines.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
@@ -21,12 +22,39 @@ from pipelines.tracking import record_outputs
 NOTEBOOK = "notebooks/train.ipynb"
 
 
+def is_rank_zero() -> bool:
+    """False in the other processes of a torchrun/SLURM launch: those never touch MLflow.
+
+    Lightning reads the rank from the launcher's environment (RANK, SLURM_PROCID, ...) at import;
+    in a kernel, and in its forked DDP processes before they start, it is 0.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def only_rank_zero_continues() -> None:
+    """Under a launcher, end every process but rank 0 here: what follows is reporting."""
+    if not is_rank_zero():
+        sys.exit(0)
+
+
+class _OtherRankLogger(DummyLogger):
+    """What ranks other than 0 log through: nothing. Even constructing an `MLFlowLogger` opens
+    the tracking store (and may create its database), which must happen in rank 0 alone."""
+
+    run_id = None
+
+
 def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     """Lightning's MLflow logger on the run `params["run_id"]`, or on a new run if there is none.
 
     Logs the run's hyperparameters and provenance tags up front, so even a run that fails in
-    its first epoch shows what it was.
+    its first epoch shows what it was. Under torchrun or SLURM only rank 0 creates the run;
+    the other ranks get a logger that logs nothing (Lightning's own rank-zero rule).
     """
+    if not is_rank_zero():
+        return _OtherRankLogger()
     uri = params.get("tracking_uri") or tracking.tracking_uri()
     client = tracking.client(uri)
     tags = {f"{tracking.TAG_PREFIX}python_executable": sys.executable}
@@ -129,7 +157,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
 
     found: list[Any] = [
         ModelCheckpoint(
-            dirpath=output_dir(params, run_id) / "checkpoints",
+            dirpath=output_dir(params, run_id) / "checkpoints" if is_rank_zero() else None,  # rank 0 broadcasts it
             filename="best-{epoch}",
             monitor=monitor,
             mode=mode,
@@ -155,6 +183,8 @@ def check_pruned(callbacks: list[Any]) -> None:
 
 def log_text(logger: MLFlowLogger, text: str, path: str) -> None:
     """Attach a piece of text (a generated sample, a report) as an artifact at `path`."""
+    if not is_rank_zero():
+        return
     logger.experiment.log_text(logger.run_id, text, path)
 
 
@@ -175,6 +205,8 @@ def output_dir(params: dict[str, Any], run_id: str) -> Path:
 
 
 def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
+    if not is_rank_zero():
+        return
     logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
 
 
@@ -199,11 +231,15 @@ def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "
 
 def log_figure(logger: MLFlowLogger, figure: Any, name: str) -> None:
     """Attach a matplotlib figure as `plots/<name>.png`."""
+    if not is_rank_zero():
+        return
     logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
 
 
 def log_table(logger: MLFlowLogger, frame: Any, name: str) -> None:
     """Attach a pandas DataFrame as `tables/<name>.csv`."""
+    if not is_rank_zero():
+        return
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,6 +259,8 @@ def log_model(
 
     Returns the model URI `runs:/<run id>/model`, which `mlflow.pytorch.load_model` reloads.
     """
+    if not is_rank_zero():
+        return ""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -249,6 +287,8 @@ __all__ = [
     "callbacks",
     "check_pruned",
     "hyperparameters",
+    "is_rank_zero",
+    "only_rank_zero_continues",
     "lesson_run",
     "log_lesson",
     "log_text",

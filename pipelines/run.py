@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ def run_training(
     extra_parameters: dict[str, Any] | None = None,
     extra_tags: dict[str, str] | None = None,
     progress_bar: bool = True,
+    on_run: Callable[[str], None] | None = None,
 ) -> RunResult:
     """The spec's notebook with the spec's parameters, as one run of the spec's experiment."""
     tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
@@ -43,6 +45,7 @@ def run_training(
         parent_run_id=parent_run_id,
         tags=tags,
         progress_bar=progress_bar,
+        on_run=on_run,
     )
 
 
@@ -54,16 +57,20 @@ def run_notebook(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     progress_bar: bool = True,
+    on_run: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Create the run, execute the notebook into it, attach the executed copy, close it.
 
     The run exists before the notebook starts, so a notebook that dies early still leaves a
-    FAILED run with whatever it had logged and its partly executed notebook.
+    FAILED run with whatever it had logged and its partly executed notebook. `on_run` hears
+    the run id before the notebook starts (a study records it on the trial).
     """
     uri = tracking.tracking_uri()
     mlflow = tracking.client(uri)
     all_tags = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **(tags or {})}
     run_id = tracking.start_run(mlflow, experiment, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
+    if on_run is not None:
+        on_run(run_id)
     output_dir = tracking.output_dir(uri, run_id)
     executed = notebook.execute(
         nb_path,

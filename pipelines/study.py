@@ -9,16 +9,21 @@ spec's `tune.storage` or `LABBOOK_OPTUNA_STORAGE` replace it with no other chang
 from __future__ import annotations
 
 import os
+import random
+import time
+import warnings
+from collections.abc import Callable
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines import tracking
 from pipelines.tune_spec import PrunerSpec, SamplerSpec
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
-HEARTBEAT_SECONDS = 10
+HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 10  # a worker silent for 3 intervals is dead: its trial is failed and retried
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"
@@ -33,18 +38,80 @@ def storage_url(explicit: str | None = None) -> str:
     return f"sqlite:///{tracking.default_store() / 'optuna.db'}"
 
 
+def heartbeat_seconds() -> int:
+    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a worker tells the storage it is alive."""
+    value = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not value:
+        return HEARTBEAT_SECONDS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{HEARTBEAT_ENV}: expected a whole number of seconds >= 1, got {value!r}")
+    return int(value)
+
+
 def storage(url: str, heartbeat: bool = False) -> RDBStorage:
-    """An RDB storage; the driver turns heartbeats on, a kernel reporting values does not."""
+    """An RDB storage; workers turn heartbeats on, a kernel reporting values does not."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     if not heartbeat:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
-    return RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=3 * HEARTBEAT_SECONDS,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        return _created(lambda: RDBStorage(url, engine_kwargs=engine_kwargs))
+    interval = heartbeat_seconds()
+    return _created(
+        lambda: RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=interval,
+            grace_period=3 * interval,
+            heartbeat_stale_trial_callback=_retry_and_close_run,
+        )
     )
+
+
+def _created(make: Callable[[], RDBStorage], attempts: int = 10) -> RDBStorage:
+    """`make()`, again if another worker was creating the same empty database's tables.
+
+    RDBStorage creates its schema on first use; two workers started together on a new
+    PostgreSQL database race to `CREATE TABLE` and one gets a duplicate error. The loser's
+    retry finds the tables made and goes on (Optuna has no lock of its own for this).
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (IntegrityError, ProgrammingError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9; we rely on them
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    _retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and retry) trials whose worker stopped sending heartbeats."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A dead worker's trial: retried as a new trial, and its MLflow run closed as FAILED.
+
+    Whichever live worker notices the silent heartbeat runs this; the dead one cannot.
+    """
+    _retry(study, trial)
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    if not run_id:
+        return
+    mlflow = tracking.client()
+    try:
+        if mlflow.get_run(run_id).info.status == "RUNNING":
+            reason = f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat); trial retried"
+            tracking.finish_run(mlflow, run_id, reason)
+    except Exception as exc:  # the study's bookkeeping matters more than the run's status
+        optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {trial.number}: {exc}")
 
 
 def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:

@@ -19,6 +19,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
+from pipelines.errors import TrackingUnavailable
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "labbook."
 OUTPUT_TAG_PREFIX = f"{TAG_PREFIX}output."  # a step's outputs for later steps, as JSON
@@ -76,6 +78,24 @@ def model_uri(mlflow: MlflowClient, run_id: str) -> str:
 
 def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def check_server(uri: str | None = None) -> None:
+    """Before a study or worker starts anything: a server that says no says it now, in one line."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "401" in message:
+            message = "401 unauthenticated: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        elif "403" in message:
+            message = "403 forbidden: this user may not read experiments"
+        raise TrackingUnavailable(f"MLflow server {redact(uri)}: {message}") from None
 
 
 def ensure_experiment(mlflow: MlflowClient, name: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 import pandas as pd
 from mlflow import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
@@ -171,6 +172,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
 
 def create(handle: Study) -> tuple[optuna.Study, str]:
     """Create or resume the study, record its pruner and metric on it, and open the parent run."""
+    tracking.check_server()  # a refusing server must not leave a study behind
     tune = handle.tune
     created = optuna.create_study(
         study_name=handle.name,
@@ -188,7 +190,7 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
     # Kernels (on any machine) rebuild the pruner and read the metric from the study itself.
     created.set_user_attr("pruner", tune.pruner.model_dump())
     created.set_user_attr("metric", tune.metric)
-    optuna.storages.fail_stale_trials(created)
+    studies.fail_stale_trials(created)
     return created, _ensure_parent_run(handle, created)
 
 
@@ -210,11 +212,13 @@ class _Worker:
         tune = self.handle.tune
         values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
         spec = self.handle.spec.with_overrides(values)
-        n = trial.number + 1
         if self.console:
             total = self.handle.n_trials or "?"
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-            self.console.print(f"[dim]trial {n}/{total} started: {shown}[/dim]")
+            frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+            retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+            retry = "" if retry_of is None else f" (retry of trial {retry_of}, whose worker died)"
+            self.console.print(f"[dim]trial {trial.number} of {total} started{retry}: {shown}[/dim]")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             result = self._run(trial, spec)
@@ -253,6 +257,8 @@ class _Worker:
                 TRIAL_STATE_TAG: "RUNNING",
             },
             progress_bar=False,
+            # On the trial at once: if this worker dies, whoever fails the trial closes the run.
+            on_run=lambda run_id: trial.set_user_attr(studies.RUN_ID_ATTR, run_id),
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
@@ -269,18 +275,36 @@ class _Worker:
             self.console.print(progress_line(study, self.handle))
 
     def run(self, timeout: float | None) -> None:
+        """Trials until the budget is spent and no other worker's trial is still running.
+
+        Waiting for the others is what makes a dead worker harmless: its trial goes stale,
+        is failed by the first live worker to check (`fail_stale_trials`), and the retry it
+        enqueues frees one trial of budget, which this loop then runs.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         study = self.handle.load()
-        left = self.budget_left(study)
-        if left is not None and left <= 0:
-            return
-        study.optimize(
-            self.objective,
-            n_trials=None,
-            timeout=timeout,
-            catch=(TrialFailed,),
-            callbacks=[self.after_trial],
-            gc_after_trial=False,
-        )
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            budget = self.budget_left(study)
+            if budget is None or budget > 0:
+                study.optimize(
+                    self.objective,
+                    n_trials=None,
+                    timeout=left,
+                    catch=(TrialFailed,),
+                    callbacks=[self.after_trial],
+                    gc_after_trial=False,
+                )
+                if budget is None:  # a time budget: optimize ran until the deadline
+                    return
+                continue
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
+                return
+            time.sleep(studies.heartbeat_seconds())
+            studies.fail_stale_trials(study)
 
 
 def _fmt(value: Any) -> str:
@@ -291,7 +315,7 @@ def progress_line(study: optuna.Study, handle: Study) -> str:
     """`trial 5/12 · 3 complete, 1 pruned, 0 failed, 1 running · best val_acc 0.9630 (lr=0.0031)`."""
     trials = study.get_trials(deepcopy=False)
     found = studies.counts(trials)
-    done = found["COMPLETE"] + found["PRUNED"] + found["FAIL"]
+    done = studies.budget_used(trials) - found["RUNNING"]  # a retried or interrupted trial is not one more
     line = (
         f"trial {done}/{handle.n_trials or '?'} · {found['COMPLETE']} complete, {found['PRUNED']} pruned, "
         f"{found['FAIL']} failed, {found['RUNNING']} running"
@@ -304,12 +328,29 @@ def progress_line(study: optuna.Study, handle: Study) -> str:
     return line
 
 
-def run_worker(handle: Study, console: Console | None = None) -> None:
-    """Join an existing study and run its trials until its budget is spent (`labbook worker`)."""
-    study = handle.load()
-    parent = study.user_attrs.get(studies.PARENT_RUN_ATTR)
+def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0) -> None:
+    """Join a study and run its trials until its budget is spent (`labbook worker`).
+
+    `labbook tune` creates the study and its MLflow parent run; a worker started before it
+    waits up to `wait` seconds for both, so workers can be started in any order.
+    """
+    tracking.check_server()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            parent = handle.load().user_attrs.get(studies.PARENT_RUN_ATTR)
+        except KeyError:  # optuna: no study of that name in the storage yet
+            parent = None
+        if parent or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
     if not parent:
-        raise SpecError(f"study {handle.name!r} has no MLflow parent run yet: start it with `labbook tune` first")
+        raise SpecError(
+            f"study {handle.name!r} on {tracking.redact(handle.storage_url)} does not exist or has no MLflow "
+            "parent run: start it with `labbook tune` (or give --wait SECONDS)"
+        )
+    if console:
+        console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
     _Worker(handle, parent, console).run(handle.timeout)
 
 
