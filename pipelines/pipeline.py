@@ -19,6 +19,8 @@ from rich.console import Console
 
 from pipelines import tracking
 from pipelines.pipeline_spec import (
+    CompressStep,
+    ExplainStep,
     NotebookStep,
     PipelineSpec,
     RegisterStep,
@@ -200,6 +202,18 @@ class _Runner:
                 self.mlflow.log_artifact(self.parent, str(executed), "report")
         return {"run_id": result.run_id}
 
+    def compress(self, step: CompressStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        params = step.model_dump(exclude={"name", "kind", "retries", "run"})
+        result = self._notebook(NOTEBOOKS / "compress.ipynb", step, {**params, **_source(resolve(step.run, outputs))})
+        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        return {"run_id": result.run_id, "metrics": result.metrics, "variants": recorded.get("variants", {})}
+
+    def explain(self, step: ExplainStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        params = step.model_dump(exclude={"name", "kind", "retries", "run"})
+        result = self._notebook(NOTEBOOKS / "explain.ipynb", step, {**params, **_source(resolve(step.run, outputs))})
+        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        return {"run_id": result.run_id, "artifacts": recorded.get("artifacts", [])}
+
     def run_step(self, step: Step, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The step, tried `1 + retries` times; every attempt stays recorded as its own run."""
         attempts = step.retries + 1
@@ -211,6 +225,11 @@ class _Runner:
                     raise
                 self.say(f"[yellow]step {step.name} failed ({exc}); retry {attempt} of {step.retries}[/yellow]")
         raise AssertionError("unreachable")
+
+
+def _source(ref: str) -> dict[str, str]:
+    """A step's `run:` as notebook parameters: a registered model or a run id."""
+    return {"model_ref": ref} if ref.startswith(("models:/", "runs:/")) else {"train_run_id": ref}
 
 
 def _open_parent(

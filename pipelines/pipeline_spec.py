@@ -36,8 +36,10 @@ OUTPUTS: dict[str, set[str]] = {
     "notebook": {"run_id", "metrics", "outputs"},
     "register": {"run_id", "model_name", "version", "promoted", "champion_version", "model_uri"},
     "report": {"run_id"},
+    "compress": {"run_id", "metrics", "variants"},
+    "explain": {"run_id", "artifacts"},
 }
-MAPPINGS = {"metrics", "params", "best_params", "outputs"}
+MAPPINGS = {"metrics", "params", "best_params", "outputs", "variants"}
 
 
 class _Step(BaseModel):
@@ -95,7 +97,35 @@ class ReportStep(_Step):
     top_k: int = Field(5, ge=1)
 
 
-Step = Annotated[TrainStep | TuneStep | NotebookStep | RegisterStep | ReportStep, Field(discriminator="kind")]
+class CompressStep(_Step):
+    """Quantize, prune and/or distill a trained model; each variant measured, as nested runs."""
+
+    kind: Literal["compress"]
+    run: str  # a run id (`${train.run_id}`) or a registered model (`models:/name@alias`)
+    methods: list[Literal["quantize", "prune", "distill"]] = Field(min_length=1)
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    finetune_epochs: int = Field(1, ge=0)
+    student: dict[str, Any] = Field(default_factory=lambda: {"hidden_sizes": [16]})
+    alpha: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    distill_epochs: int = Field(10, ge=1)
+    latency_repeats: int = Field(30, ge=3)
+
+
+class ExplainStep(_Step):
+    """Attributions for a trained model's predictions, and its attention maps where it has attention."""
+
+    kind: Literal["explain"]
+    run: str
+    method: Literal["integrated_gradients", "saliency"] = "integrated_gradients"
+    samples: int = Field(8, ge=1, le=64)
+    n_steps: int = Field(32, ge=2)  # integrated gradients: points on the path from the baseline
+
+
+Step = Annotated[
+    TrainStep | TuneStep | NotebookStep | RegisterStep | ReportStep | CompressStep | ExplainStep,
+    Field(discriminator="kind"),
+]
 STEP_KINDS = tuple(OUTPUTS)
 
 
@@ -244,6 +274,16 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
                 unknown = sorted(set(source.tune.space) - known)
                 if unknown:
                     raise SpecError(f"{where}.set: ${{{name}.best_params}} holds {unknown[0]!r}, not a setting here")
+    elif isinstance(step, CompressStep) and step.student:
+        from lightning_modules import MODELS, init_parameters
+
+        model = step.student.get("model")
+        if model is not None and model not in MODELS:
+            raise SpecError(f"{where}.student.model: got {model!r}; expected one of {', '.join(MODELS)}")
+        known = {"model"} | {n for cls in MODELS.values() for n in init_parameters(cls)}
+        for key in step.student:
+            if key not in known:
+                raise SpecError(f"{where}.student.{key}: not a model setting; known: {', '.join(sorted(known))}")
     elif isinstance(step, NotebookStep):
         notebook = notebook_path(step.notebook, path)
         if not notebook.is_file():
