@@ -32,6 +32,10 @@ test: setup $(NLP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
+# The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min).
+bench: setup
+	$(BIN)/python bench/overhead.py
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

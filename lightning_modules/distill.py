@@ -62,15 +62,16 @@ class Distill(SupervisedModule):
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning puts every submodule in train mode; the teacher's dropout stays off
 
-    def _step(self, batch: Any, split: str) -> torch.Tensor:
+    def _step(self, batch: Any, split: str, batch_idx: int) -> torch.Tensor:
         if split != "train":
-            return super()._step(batch, split)
+            return super()._step(batch, split, batch_idx)
         x, y = batch
         output = self(x)
         with torch.no_grad():
             teacher = self.teacher(x)
         loss = distillation_loss(output, teacher, y, self.hparams.alpha, self.hparams.temperature)
-        self.train_mean_loss(loss.detach(), weight=y.shape[0])
+        self.train_mean_loss.update(loss.detach(), weight=y.shape[0])
         self.train_metrics.update(*self.metric_inputs(output, y))
-        _log_split(self, "train")
+        if batch_idx == 0:
+            _log_split(self, "train")
         return loss

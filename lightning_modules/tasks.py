@@ -21,7 +21,15 @@ SPLITS = ("train", "val", "test")
 
 
 def _log_split(module: TrainableModule, split: str) -> None:
-    """Log the split's loss and metrics once per epoch (never per step: logging must stay cheap)."""
+    """Hand the split's metric objects to Lightning, on an epoch's first step only.
+
+    Lightning keeps a reference to a logged torchmetrics object and computes it once, at the
+    epoch's end, over every `update()` of the epoch: logging it again each step only costs
+    ~0.8 ms a call (the value travels through Lightning's result collection even with
+    `on_step=False`), which made a batch-64 MLP epoch twice as slow as a raw loop. Logging from
+    the first step (not from the module's epoch-end hook, which runs *after* the callbacks') keeps
+    `trainer.callback_metrics` complete for any callback's `on_validation_epoch_end`.
+    """
     module.log(
         f"{split}_loss",
         getattr(module, f"{split}_mean_loss"),
@@ -57,23 +65,24 @@ class SupervisedModule(TrainableModule):
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         return output
 
-    def _step(self, batch: Any, split: str) -> torch.Tensor:
+    def _step(self, batch: Any, split: str, batch_idx: int) -> torch.Tensor:
         x, y = batch
         output = self(x)
         loss = self.loss(output, y)
-        getattr(self, f"{split}_mean_loss")(loss.detach(), weight=y.shape[0])
+        getattr(self, f"{split}_mean_loss").update(loss.detach(), weight=y.shape[0])  # update: no per-batch value
         getattr(self, f"{split}_metrics").update(*self.metric_inputs(output, y))
-        _log_split(self, split)
+        if batch_idx == 0:
+            _log_split(self, split)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.regularized(self._step(batch, "train"))
+        return self.regularized(self._step(batch, "train", batch_idx))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -133,7 +133,7 @@ def run(
     schedule_id: Annotated[str | None, typer.Option(hidden=True, help="The schedule that fired this run.")] = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import check_server, tracking_uri
 
     if _is_pipeline(spec):
         if set_:
@@ -148,7 +148,10 @@ def run(
     _stop_on_sigterm()
     out.print(f"running {spec} → {tracking_uri()}")
     try:
+        check_server()
         result = run_training(loaded, spec_path=spec, run_name=run_name)
+    except TrackingUnavailable as exc:
+        raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
     out.print(f"run id: {result.run_id}  status: {result.status}")

@@ -148,6 +148,28 @@ def strategy(name: str) -> Any:
     return name
 
 
+def _non_finite_loss_callback() -> Any:
+    """Stop at the first NaN/inf training loss, naming the epoch and step, instead of training on.
+
+    Lightning has no built-in for this (`EarlyStopping(check_finite=True)` looks at a validation
+    metric once per epoch; `detect_anomaly` is slow): one `isfinite` per step is.
+    """
+    import math
+
+    from lightning.pytorch.callbacks import Callback
+
+    class StopOnNonFiniteLoss(Callback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is not None and not math.isfinite(float(loss)):
+                raise FloatingPointError(
+                    f"non-finite loss ({float(loss)}) at epoch {trainer.current_epoch}, step {trainer.global_step}: "
+                    "lower the learning rate or clip gradients"
+                )
+
+    return StopOnNonFiniteLoss()
+
+
 def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> list[Any]:
     """Best and last checkpoints, the learning rate per epoch, early stopping and pruning if asked.
 
@@ -165,6 +187,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
             save_last=True,
         ),
         LearningRateMonitor(logging_interval="epoch"),
+        _non_finite_loss_callback(),
     ]
     if params.get("early_stopping_patience"):
         found.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(params["early_stopping_patience"])))

@@ -6,15 +6,19 @@ and the failure comes back as one line (`ZeroDivisionError: division by zero (ce
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 import papermill
 from mlflow import MlflowClient
 from nbconvert import HTMLExporter
+
+if TYPE_CHECKING:
+    from pipelines.kernel_pool import KernelPool
 
 KERNEL_NAME = "labbook"
 
@@ -73,19 +77,35 @@ def render_html(ipynb: Path) -> Path:
     return html
 
 
+def _write_parameterized(notebook: Path, ipynb: Path, parameters: dict[str, Any]) -> None:
+    """The notebook as it was about to run (parameters injected, no outputs): a failed run's record."""
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    with contextlib.suppress(Exception):  # a missing record must not hide the run's own outcome
+        nbformat.write(parameterize_notebook(load_notebook_node(str(notebook)), parameters), ipynb)
+
+
 def execute(
     notebook: Path,
     output_dir: Path,
     parameters: dict[str, Any],
     cwd: Path | None = None,
     progress_bar: bool = True,
+    kernels: KernelPool | None = None,
 ) -> ExecutedNotebook:
-    """Run `notebook` into `output_dir/<name>.ipynb` with `parameters` injected."""
+    """Run `notebook` into `output_dir/<name>.ipynb` with `parameters` injected.
+
+    With `kernels`, the notebook runs in a fresh kernel the pool started (and warmed) earlier;
+    that kernel is shut down after this one notebook, whatever happened in it.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb = output_dir / notebook.name
     error: str | None = None
     interrupted: KeyboardInterrupt | None = None
+    km = None
     try:
+        km = kernels.take() if kernels is not None else None  # inside: Ctrl-C while waiting is an interruption too
         papermill.execute_notebook(
             str(notebook),
             str(ipynb),
@@ -93,12 +113,18 @@ def execute(
             kernel_name=ensure_kernel(),
             cwd=str(cwd or Path.cwd()),
             progress_bar=progress_bar,
+            km=km,
         )
     except KeyboardInterrupt as exc:
         # papermill writes the notebook after every cell: keep what ran, then let the caller stop.
         error, interrupted = "interrupted", exc
     except Exception as exc:  # the notebook's failure is the run's outcome, not ours
         error = _one_line(exc)
+    finally:
+        if kernels is not None:
+            kernels.release(km)
+    if error is not None and not ipynb.exists():
+        _write_parameterized(notebook, ipynb, parameters)  # stopped before papermill wrote a cell
     html = None
     if ipynb.exists():
         try:
@@ -113,3 +139,10 @@ def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, artifa
     for path in (executed.ipynb, executed.html):
         if path is not None and path.exists():
             mlflow.log_artifact(run_id, str(path), artifact_path)
+
+
+def warm_kernels(size: int | None = None, tracking_uri: str | None = None) -> KernelPool:
+    """A kernel pool for a series of notebooks (a worker's trials); size from the environment."""
+    from pipelines.kernel_pool import KernelPool, default_size
+
+    return KernelPool(default_size() if size is None else size, ensure_kernel(), tracking_uri=tracking_uri)

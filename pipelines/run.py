@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines import notebook, tracking
 
 if TYPE_CHECKING:
+    from pipelines.kernel_pool import KernelPool
     from pipelines.spec import Spec
 
 
@@ -32,6 +33,7 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     progress_bar: bool = True,
     on_run: Callable[[str], None] | None = None,
+    kernels: KernelPool | None = None,
 ) -> RunResult:
     """The spec's notebook with the spec's parameters, as one run of the spec's experiment."""
     tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
@@ -46,6 +48,7 @@ def run_training(
         tags=tags,
         progress_bar=progress_bar,
         on_run=on_run,
+        kernels=kernels,
     )
 
 
@@ -58,6 +61,7 @@ def run_notebook(
     tags: dict[str, str] | None = None,
     progress_bar: bool = True,
     on_run: Callable[[str], None] | None = None,
+    kernels: KernelPool | None = None,
 ) -> RunResult:
     """Create the run, execute the notebook into it, attach the executed copy, close it.
 
@@ -84,15 +88,24 @@ def run_notebook(
             "output_dir": str(output_dir),
         },
         progress_bar=progress_bar,
+        kernels=kernels,
     )
+    error = executed.error
     try:
         notebook.attach(mlflow, run_id, executed)
-    finally:
-        if executed.pruned:
-            mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}pruned", executed.error)
-            tracking.finish_run(mlflow, run_id)
-        else:
-            tracking.finish_run(mlflow, run_id, executed.error)
+    except Exception as exc:  # an unwritable or full artifact store: the run fails, saying where
+        where = mlflow.get_run(run_id).info.artifact_uri
+        attached = (
+            f"attaching the executed notebook to {where} failed: {type(exc).__name__}: {exc}; "
+            f"it is kept at {executed.ipynb}"
+        )
+        error = f"{error}; {attached}" if error else attached
+    pruned = executed.pruned and error == executed.error
+    if pruned:
+        mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}pruned", executed.error)
+        tracking.finish_run(mlflow, run_id)
+    else:
+        tracking.finish_run(mlflow, run_id, error)
     if executed.interrupted:
         raise executed.interrupted
     run = mlflow.get_run(run_id)
@@ -100,9 +113,9 @@ def run_notebook(
         run_id=run_id,
         status=run.info.status,
         metrics=dict(run.data.metrics),
-        error=executed.error,
+        error=error,
         notebook=executed.ipynb,
-        pruned=executed.pruned,
+        pruned=pruned,
     )
 
 

@@ -85,8 +85,21 @@ def check_server(uri: str | None = None) -> None:
     uri = uri or tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    import urllib.error
+    import urllib.request
+
     from mlflow.exceptions import MlflowException
 
+    try:  # one quick probe: MLflow's own client retries an unreachable server for minutes
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()  # noqa: S310 - http(s) only
+    except urllib.error.HTTPError:
+        pass  # it answered; whether it lets us in is checked next
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow server {redact(uri)}: unreachable ({reason}); "
+            "start it (`labbook server`) or fix MLFLOW_TRACKING_URI"
+        ) from None
     try:
         client(uri).search_experiments(max_results=1)
     except MlflowException as exc:

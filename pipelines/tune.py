@@ -27,8 +27,9 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from pipelines import notebook, tracking
 from pipelines import study as studies
-from pipelines import tracking
+from pipelines.kernel_pool import KernelPool
 from pipelines.run import run_training
 from pipelines.spec import Spec, SpecError
 from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
@@ -202,6 +203,7 @@ class _Worker:
         self.parent_run_id = parent_run_id
         self.console = console
         self.mlflow = tracking.client()
+        self.kernels: KernelPool | None = None  # set while `run` runs
 
     def budget_left(self, study: optuna.Study) -> int | None:
         if self.handle.n_trials is None:
@@ -259,6 +261,7 @@ class _Worker:
             progress_bar=False,
             # On the trial at once: if this worker dies, whoever fails the trial closes the run.
             on_run=lambda run_id: trial.set_user_attr(studies.RUN_ID_ATTR, run_id),
+            kernels=self.kernels,
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
@@ -281,6 +284,11 @@ class _Worker:
         is failed by the first live worker to check (`fail_stale_trials`), and the retry it
         enqueues frees one trial of budget, which this loop then runs.
         """
+        with notebook.warm_kernels(tracking_uri=tracking.tracking_uri()) as self.kernels:
+            self._run_trials(timeout)
+        self.kernels = None
+
+    def _run_trials(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         study = self.handle.load()
         while True:
@@ -505,10 +513,12 @@ def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: 
                 f"{tracking.TAG_PREFIX}kind": "confirm",
             },
             progress_bar=False,
+            kernels=kernels,
         )
         return result, (None if result.error else best_logged(mlflow, result.run_id, tune))
 
-    confirmed = confirm.confirm(study.get_trials(deepcopy=False), k, seeds, tune.direction, run_one)
+    with notebook.warm_kernels(tracking_uri=tracking.tracking_uri()) as kernels:
+        confirmed = confirm.confirm(study.get_trials(deepcopy=False), k, seeds, tune.direction, run_one)
     confirm.log_to_parent(mlflow, parent, confirmed, tune.metric)
     frame = confirm.table(confirmed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_modules import MODELS, build_data, build_model, model_class
 
@@ -62,6 +63,28 @@ def test_every_model_trains_in_bf16_mixed_precision(name: str) -> None:
     run = trainer(fast_dev_run=True, precision="bf16-mixed")
     run.fit(model, datamodule=datamodule)
     assert torch.isfinite(run.callback_metrics["train_loss"])
+
+
+class _EpochEnds(L.Callback):
+    def __init__(self) -> None:
+        self.val_loss: list[float] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.val_loss.append(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_a_callback_sees_each_epochs_full_validation_mean_at_epoch_end() -> None:
+    """Metrics are logged once per epoch, yet callbacks (early stopping, history) see them as usual."""
+    L.seed_everything(0)
+    model, datamodule = build("mlp_regressor", batch_size=16)  # several validation batches
+    seen = _EpochEnds()
+    trainer(max_epochs=2, callbacks=[seen], enable_checkpointing=False).fit(model, datamodule=datamodule)
+    model.eval()
+    with torch.no_grad():
+        batches = [(F.mse_loss(model(x), y, reduction="sum"), len(y)) for x, y in datamodule.val_dataloader()]
+    assert len(seen.val_loss) == 2 and seen.val_loss[0] != seen.val_loss[1]
+    assert seen.val_loss[-1] == pytest.approx(float(sum(s for s, _ in batches)) / sum(n for _, n in batches), rel=1e-5)
 
 
 def test_gradient_accumulation_and_clipping_run() -> None:

@@ -1,0 +1,212 @@
+"""Warm kernels: the next trial's kernel starts, and does its heavy imports, while this one trains.
+
+A notebook trial pays ~6-8 s before its first batch on a 2-core machine (kernel start, importing
+torch/Lightning/MLflow/Optuna, opening the tracking store). The pool moves that work off the
+critical path without giving up isolation: every kernel runs exactly one notebook and is shut
+down after it; the pool only starts kernels early. Size 0 is the plain behaviour (papermill
+starts a kernel per notebook).
+
+Written here because neither papermill nor jupyter_client pre-warms kernels: nbclient accepts
+an already started kernel manager (`km=`), and this module supplies one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from jupyter_client import KernelManager
+
+# What every training notebook imports first; imported in the warm kernel before it is handed out.
+WARM_MODULES = (
+    "torch",
+    "lightning.pytorch",
+    "mlflow",
+    "optuna",
+    "optuna_integration",
+    "pandas",
+    "matplotlib.pyplot",
+    "sklearn.metrics",
+    "lightning_modules",
+    "pipelines.in_notebook",
+    "mlflow.pytorch",
+)
+ENV_SIZE = "LABBOOK_WARM_KERNELS"
+
+
+def default_size() -> int:
+    """`LABBOOK_WARM_KERNELS` (0 turns the pool off), else 1: one kernel warming while one trains."""
+    raw = os.environ.get(ENV_SIZE, "").strip()
+    try:
+        return max(0, int(raw)) if raw else 1
+    except ValueError:
+        raise ValueError(f"{ENV_SIZE}={raw!r}: expected a whole number ≥ 0") from None
+
+
+def trial_threads() -> int:
+    """Threads a trial's kernel gets when a pool is on: its worker's share, less one core for warming.
+
+    Warming next to a trial that uses every core stalls the trial's OpenMP threads (measured on
+    2 cores: a 1.5 s fit took 8-15 s, even with the warming kernel at idle priority). With one
+    core left to warming the same fit took 1.6 s: small models gain nothing from a second thread.
+    The share is `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core.
+    """
+    share = os.environ.get("OMP_NUM_THREADS", "").strip()
+    cores = int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+def _set_policy(pid: int | None, policy: int) -> bool:
+    """Put every thread of process `pid` under scheduling `policy`; False where not allowed.
+
+    A kernel warms under SCHED_IDLE: its imports use only CPU the running trial leaves idle.
+    Warming at normal priority next to a trial made that trial's fit 7× slower on 2 cores
+    (its OpenMP threads lost their cores to the import work).
+    """
+    if pid is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            os.sched_setscheduler(int(task.name), policy, os.sched_param(0))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def warm_up(tracking_uri: str | None = None) -> None:
+    """Runs inside a pool kernel before it is handed out: everything a trial would pay for first.
+
+    Only process-wide caches are filled (modules, the tracking store, fonts, MLflow's first
+    model save); the kernel's user namespace stays empty for the notebook.
+    """
+    import importlib
+    import io
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in WARM_MODULES:
+            importlib.import_module(name)
+        import mlflow.pytorch
+        import torch
+        from matplotlib.figure import Figure
+
+        figure = Figure()
+        figure.add_subplot().plot([0, 1], label="warm")
+        figure.savefig(io.BytesIO(), format="png")  # the font cache and Agg, loaded once
+        with tempfile.TemporaryDirectory() as folder:  # MLflow's first model save costs ~0.6 s
+            mlflow.pytorch.save_model(
+                torch.nn.Linear(2, 1), f"{folder}/model", input_example=torch.ones(1, 2).numpy(), pip_requirements=[]
+            )
+        if tracking_uri:
+            # Opening the store (engine, schema check) costs 0.6-1.6 s; MLflow caches it per process.
+            store = importlib.import_module("pipelines.tracking").client(tracking_uri)._tracking_client.store
+            del store
+
+
+def _warm_code(tracking_uri: str | None) -> str:
+    return f"__import__('pipelines.kernel_pool').kernel_pool.warm_up({tracking_uri!r})"
+
+
+def _pid(km: KernelManager) -> int | None:
+    return getattr(km.provisioner, "pid", None)
+
+
+class KernelPool:
+    """Hands out fresh, pre-warmed kernel managers; each is used for one notebook, then shut down."""
+
+    def __init__(self, size: int, kernel_name: str, cwd: Path | None = None, tracking_uri: str | None = None) -> None:
+        self.size = size
+        self.kernel_name = kernel_name
+        self.cwd = str(cwd or Path.cwd())
+        self.code = _warm_code(tracking_uri)
+        self._starter = ThreadPoolExecutor(max_workers=max(1, size), thread_name_prefix="labbook-warm-kernel")
+        self._ready: deque[Future[KernelManager]] = deque()
+        self._lock = threading.Lock()
+        self.idle_priority = hasattr(os, "SCHED_IDLE")
+        self.threads = trial_threads()
+        self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
+        for _ in range(size):
+            self._ready.append(self._starter.submit(self._start))
+
+    def _start(self) -> KernelManager:
+        """A kernel started and warmed at idle priority, handed back when its imports are done."""
+        km = KernelManager(kernel_name=self.kernel_name)
+        # nbclient drives the kernel with asyncio; the manager itself only starts and stops it.
+        km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
+        threads = str(self.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        km.start_kernel(cwd=self.cwd, env=env)
+        if self.idle_priority:
+            _set_policy(_pid(km), os.SCHED_IDLE)
+        client = km.blocking_client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=120)
+            reply = client.execute_interactive(self.code, silent=True, store_history=False, timeout=300)
+            if reply["content"]["status"] != "ok":
+                content = reply["content"]
+                raise RuntimeError(f"warming a kernel failed: {content.get('ename')}: {content.get('evalue')}")
+        except BaseException:
+            client.stop_channels()
+            km.shutdown_kernel(now=True)
+            raise
+        client.stop_channels()
+        return km
+
+    def take(self) -> KernelManager | None:
+        """The oldest warm kernel (waiting for it if need be), and a replacement starts warming.
+
+        None when the pool is off; a kernel that failed to warm is reported by the notebook run
+        that would have used it, since papermill then starts its own.
+        """
+        if self.size <= 0:
+            return None
+        with self._lock:
+            future = self._ready.popleft()
+            self._ready.append(self._starter.submit(self._start))
+        try:
+            km = future.result()
+        except Exception:
+            return None  # papermill starts a cold kernel: slower, never wrong
+        if not km.is_alive():
+            return None
+        if self.idle_priority and not _set_policy(_pid(km), os.SCHED_OTHER):
+            # Not allowed back to normal priority (RLIMIT_NICE): never run a trial at idle
+            # priority; warm the next kernels at normal priority instead.
+            self.idle_priority = False
+            self.release(km)
+            return None
+        self.handed_out.append(_pid(km))
+        return km
+
+    @staticmethod
+    def release(km: KernelManager | None) -> None:
+        """Shut a used kernel down: it never runs a second notebook."""
+        if km is None:
+            return
+        try:
+            km.shutdown_kernel(now=True)
+        finally:
+            km.cleanup_resources()
+
+    def close(self) -> None:
+        """Shut down every kernel still warming or waiting; the pool hands out nothing after."""
+        self.size = 0
+        with self._lock:
+            pending, self._ready = list(self._ready), deque()
+        for future in pending:
+            with contextlib.suppress(Exception):  # a kernel that never started needs no shutdown
+                self.release(future.result())
+        self._starter.shutdown(wait=True)
+
+    def __enter__(self) -> KernelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,70 @@
+"""The warm kernel pool: faster trials, never at the price of isolation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pipelines import notebook
+from pipelines.kernel_pool import default_size
+
+
+def _probe_notebook(path: Path) -> Path:
+    """A notebook that says whether a previous trial's global is visible, then sets its own."""
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell("trial = 0")
+    parameters.metadata.tags = ["parameters"]
+    probe = nbformat.v4.new_code_cell(
+        "import os, sys\n"
+        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules)\n"
+        "secret = trial"
+    )
+    nb.cells = [parameters, probe]
+    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_every_trial_gets_a_fresh_warm_kernel_and_no_globals_leak(tmp_path: Path) -> None:
+    probe = _probe_notebook(tmp_path / "probe.ipynb")
+    seen = []
+    with notebook.warm_kernels(1) as pool:
+        for trial in range(3):
+            executed = notebook.execute(probe, tmp_path / f"trial{trial}", {"trial": trial}, False, False, pool)
+            assert executed.ok, executed.error
+            said, pid, warmed = nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()
+            assert said == "clean"  # `secret`, set by the previous trial, is undefined here
+            assert warmed == "True"  # the heavy imports were done before the notebook started
+            seen.append(int(pid))
+        handed_out = list(pool.handed_out)
+    assert len(set(seen)) == 3 and seen == handed_out  # never the same kernel twice
+    assert not any(_alive(pid) for pid in seen)  # each shut down after its one notebook
+    assert not any(_alive(pid) for pid in handed_out)
+
+
+def test_a_pool_of_size_0_is_the_plain_behaviour(tmp_path: Path) -> None:
+    probe = _probe_notebook(tmp_path / "probe.ipynb")
+    with notebook.warm_kernels(0) as pool:
+        executed = notebook.execute(probe, tmp_path / "out", {"trial": 1}, False, False, pool)
+    assert executed.ok and pool.handed_out == []
+    said, _, warmed = nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()
+    assert (said, warmed) == ("clean", "False")  # a cold kernel, started by papermill
+
+
+def test_the_pool_size_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABBOOK_WARM_KERNELS", "0")
+    assert default_size() == 0
+    monkeypatch.setenv("LABBOOK_WARM_KERNELS", "two")
+    with pytest.raises(ValueError, match="LABBOOK_WARM_KERNELS='two': expected a whole number"):
+        default_size()
