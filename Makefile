@@ -32,9 +32,11 @@ test: setup $(NLP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min).
+# The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min),
+# then where one trial's seconds go (bench/profile_trial.py): bench/profile.json and bench/profile.md (~3 min).
 bench: setup
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/profile_trial.py
 
 lint: setup
 	$(BIN)/ruff check .

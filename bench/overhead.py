@@ -74,6 +74,13 @@ def stats(values: list[float]) -> dict[str, Any]:
     return {"min": min(values), "median": statistics.median(values), "repeats": len(values), "values": values}
 
 
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
 def params(**overrides: Any) -> dict[str, Any]:
     return load_spec(SPEC, overrides).parameters()
 
@@ -605,8 +612,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     results: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        "machine": machine(),
         "repeats": args.repeats,
     }
     wanted = set(args.only or ["R1", "R2", "R3", "R5", "R6"])

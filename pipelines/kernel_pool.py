@@ -17,6 +17,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_client import KernelManager
@@ -117,24 +118,48 @@ def _pid(km: KernelManager) -> int | None:
     return getattr(km.provisioner, "pid", None)
 
 
+@dataclass
+class _Warming:
+    pid: int | None = None
+    awaited: bool = False  # a trial waits for this kernel: never (again) at idle priority
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class KernelPool:
     """Hands out fresh, pre-warmed kernel managers; each is used for one notebook, then shut down."""
 
-    def __init__(self, size: int, kernel_name: str, cwd: Path | None = None, tracking_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        kernel_name: str,
+        cwd: Path | None = None,
+        tracking_uri: str | None = None,
+        expected: int | None = None,
+    ) -> None:
         self.size = size
+        # How many more notebooks will ask for a kernel (None: unknown). The pool never warms
+        # more than that: a kernel nobody takes costs a core for its imports (~5 s) for nothing.
+        self.expected = expected
         self.kernel_name = kernel_name
         self.cwd = str(cwd or Path.cwd())
         self.code = _warm_code(tracking_uri)
         self._starter = ThreadPoolExecutor(max_workers=max(1, size), thread_name_prefix="labbook-warm-kernel")
-        self._ready: deque[Future[KernelManager]] = deque()
+        # Each warming kernel with its process id, once known: a trial waiting for it promotes it.
+        self._ready: deque[tuple[Future[KernelManager], _Warming]] = deque()
         self._lock = threading.Lock()
         self.idle_priority = hasattr(os, "SCHED_IDLE")
         self.threads = trial_threads()
         self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
-        for _ in range(size):
-            self._ready.append(self._starter.submit(self._start))
+        self.started = 0  # kernels the pool has started (handed out, warming or wasted)
+        for _ in range(size if expected is None else min(size, expected)):
+            self._submit()
 
-    def _start(self) -> KernelManager:
+    def _submit(self) -> None:
+        self.started += 1
+        warming = _Warming()
+        self._ready.append((self._starter.submit(self._start, warming), warming))
+
+    def _start(self, warming: _Warming) -> KernelManager:
         """A kernel started and warmed at idle priority, handed back when its imports are done."""
         km = KernelManager(kernel_name=self.kernel_name)
         # nbclient drives the kernel with asyncio; the manager itself only starts and stops it.
@@ -142,8 +167,10 @@ class KernelPool:
         threads = str(self.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         km.start_kernel(cwd=self.cwd, env=env)
-        if self.idle_priority:
-            _set_policy(_pid(km), os.SCHED_IDLE)
+        with warming.lock:
+            warming.pid = _pid(km)
+            if self.idle_priority and not warming.awaited:
+                _set_policy(warming.pid, os.SCHED_IDLE)
         client = km.blocking_client()
         client.start_channels()
         try:
@@ -168,8 +195,20 @@ class KernelPool:
         if self.size <= 0:
             return None
         with self._lock:
-            future = self._ready.popleft()
-            self._ready.append(self._starter.submit(self._start))
+            if self.expected is not None:
+                self.expected = max(0, self.expected - 1)
+            if not self._ready:
+                return None  # more notebooks than expected: papermill starts this one cold
+            future, warming = self._ready.popleft()
+            if self.expected is None or len(self._ready) < min(self.size, self.expected):
+                self._submit()
+        if not future.done():
+            # A trial now waits for this kernel: it is on the critical path, so it warms at normal
+            # priority. At idle priority, other workers' trials would starve it for minutes.
+            with warming.lock:
+                warming.awaited = True
+                if self.idle_priority and warming.pid is not None:
+                    _set_policy(warming.pid, os.SCHED_OTHER)
         try:
             km = future.result()
         except Exception:
@@ -200,7 +239,7 @@ class KernelPool:
         self.size = 0
         with self._lock:
             pending, self._ready = list(self._ready), deque()
-        for future in pending:
+        for future, _ in pending:
             with contextlib.suppress(Exception):  # a kernel that never started needs no shutdown
                 self.release(future.result())
         self._starter.shutdown(wait=True)

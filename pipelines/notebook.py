@@ -141,8 +141,12 @@ def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, artifa
             mlflow.log_artifact(run_id, str(path), artifact_path)
 
 
-def warm_kernels(size: int | None = None, tracking_uri: str | None = None) -> KernelPool:
-    """A kernel pool for a series of notebooks (a worker's trials); size from the environment."""
+def warm_kernels(size: int | None = None, tracking_uri: str | None = None, expected: int | None = None) -> KernelPool:
+    """A kernel pool for a series of notebooks (a worker's trials); size from the environment.
+
+    `expected`: how many notebooks the series will run, where known (the pool warms no more).
+    """
     from pipelines.kernel_pool import KernelPool, default_size
 
-    return KernelPool(default_size() if size is None else size, ensure_kernel(), tracking_uri=tracking_uri)
+    size = default_size() if size is None else size
+    return KernelPool(size, ensure_kernel(), tracking_uri=tracking_uri, expected=expected)

@@ -222,6 +222,9 @@ class _Worker:
             retry = "" if retry_of is None else f" (retry of trial {retry_of}, whose worker died)"
             self.console.print(f"[dim]trial {trial.number} of {total} started{retry}: {shown}[/dim]")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        left = self.budget_left(trial.study)
+        if self.kernels is not None and left is not None:
+            self.kernels.expected = 1 + max(0, left)  # this trial and the budget's rest: warm no more
         try:
             result = self._run(trial, spec)
         except KeyboardInterrupt:
@@ -517,7 +520,7 @@ def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: 
         )
         return result, (None if result.error else best_logged(mlflow, result.run_id, tune))
 
-    with notebook.warm_kernels(tracking_uri=tracking.tracking_uri()) as kernels:
+    with notebook.warm_kernels(tracking_uri=tracking.tracking_uri(), expected=k * len(seeds)) as kernels:
         confirmed = confirm.confirm(study.get_trials(deepcopy=False), k, seeds, tune.direction, run_one)
     confirm.log_to_parent(mlflow, parent, confirmed, tune.metric)
     frame = confirm.table(confirmed)

@@ -7,8 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
-import pytest
+# One compute thread per process, inherited by every CLI, worker and kernel a test starts: the
+# suite runs 2 tests at once on 2 cores (`-n 2`), and torch's OpenMP threads contending for taken
+# cores stall instead of sharing them (a 1.5 s fit took 8-15 s), as `labbook tune --workers` knows.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABBOOK = Path(sys.executable).with_name("labbook")

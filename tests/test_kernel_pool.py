@@ -53,6 +53,18 @@ def test_every_trial_gets_a_fresh_warm_kernel_and_no_globals_leak(tmp_path: Path
     assert not any(_alive(pid) for pid in handed_out)
 
 
+def test_the_pool_warms_no_kernel_beyond_the_notebooks_expected(tmp_path: Path) -> None:
+    probe = _probe_notebook(tmp_path / "probe.ipynb")
+    warm = []
+    with notebook.warm_kernels(1, expected=2) as pool:
+        for trial in range(3):  # one more than expected: it runs, in a cold kernel
+            executed = notebook.execute(probe, tmp_path / f"trial{trial}", {"trial": trial}, False, False, pool)
+            assert executed.ok, executed.error
+            warm.append(nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()[2])
+        started = pool.started
+    assert warm == ["True", "True", "False"] and started == 2  # nothing warmed for nobody
+
+
 def test_a_pool_of_size_0_is_the_plain_behaviour(tmp_path: Path) -> None:
     probe = _probe_notebook(tmp_path / "probe.ipynb")
     with notebook.warm_kernels(0) as pool:
