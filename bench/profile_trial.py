@@ -36,6 +36,7 @@ import papermill  # noqa: E402
 from jupyter_client import KernelManager  # noqa: E402
 
 from pipelines import notebook, tracking  # noqa: E402
+from pipelines.kernel_pool import KernelPool  # noqa: E402
 
 BENCH = overhead.BENCH
 # A short label per train-notebook code cell, by what the cell starts with.
@@ -103,8 +104,7 @@ def one_trial(p: dict[str, Any], kernels: Any | None) -> dict[str, float]:
             km=km,
         )
     finally:
-        km.shutdown_kernel(now=True)
-        km.cleanup_resources()
+        KernelPool.release(km)
     executed_seconds = time.perf_counter() - start
     cells = 0.0
     for cell in nbformat.read(ipynb, as_version=4).cells:

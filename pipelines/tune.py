@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -29,10 +29,12 @@ from rich.table import Table
 
 from pipelines import notebook, tracking
 from pipelines import study as studies
-from pipelines.kernel_pool import KernelPool
 from pipelines.run import run_training
 from pipelines.spec import Spec, SpecError
 from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
+
+if TYPE_CHECKING:
+    from pipelines.kernel_pool import KernelPool
 
 TRIAL_STATE_TAG = f"{tracking.TAG_PREFIX}trial_state"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
