@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as L
 
 from lightning_modules.base import TrainableModule
+from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.data import DigitsDataModule, RegressionDataModule, SplitDataModule
 from lightning_modules.finetune import FineTune
 from lightning_modules.gpt import GPT
@@ -33,11 +34,8 @@ DATA: dict[str, type[SplitDataModule]] = {
     "text": TextDataModule,
     "docstrings": DocstringsDataModule,  # needs the `nlp` extra when built
 }
-# Model arguments that come from the data module (never set by a spec), and data arguments
-# that come from the model: `-p model cnn` alone gives the CNN its images, and the text data
-# cuts its windows to the GPT's own `block_size` (a model setting).
-DERIVED_FROM_DATA = ("input_shape", "num_classes", "vocab_size")
-DERIVED_FROM_MODEL = ("flatten", "block_size")
+# Specs are checked against catalog.json, which describes these classes without importing torch:
+# after adding or changing one, `python -m lightning_modules.catalog` rewrites it.
 
 
 def _lookup(kind: str, name: str, table: Mapping[str, type]) -> type:
@@ -73,18 +71,6 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
 def pick(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of `params` that `cls.__init__` accepts."""
     return {name: params[name] for name in init_parameters(cls) if name in params}
-
-
-def check_fit(model: str, data: str) -> None:
-    """A model trains on a data set only if they share the task and the kind of input."""
-    model_cls, data_cls = model_class(model), data_class(data)
-    if model_cls.task != data_cls.task or model_cls.input_kind != data_cls.input_kind:
-        fitting = [n for n, c in DATA.items() if (c.task, c.input_kind) == (model_cls.task, model_cls.input_kind)]
-        raise ValueError(
-            f"model {model!r} is for {model_cls.task} but data {data!r} is {data_cls.task}"
-            + ("" if model_cls.input_kind == data_cls.input_kind else f" ({data_cls.input_kind})")
-            + f"; pick a data set made for it ({', '.join(fitting)})"
-        )
 
 
 def build_data(params: Mapping[str, Any]) -> SplitDataModule:

@@ -170,6 +170,30 @@ def _non_finite_loss_callback() -> Any:
     return StopOnNonFiniteLoss()
 
 
+def _resume_callback() -> Any:
+    """Tags the run with the epoch a resumed fit starts at, so a reader sees it did not start at 0."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordResume(Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.ckpt_path and is_rank_zero() and getattr(trainer.logger, "run_id", None):
+                client, run_id = trainer.logger.experiment, trainer.logger.run_id
+                client.set_tag(run_id, f"{tracking.TAG_PREFIX}resumed_from", str(trainer.ckpt_path))
+                client.set_tag(run_id, f"{tracking.TAG_PREFIX}resumed_at_epoch", str(trainer.current_epoch))
+                print(f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    return RecordResume()
+
+
+def checkpoint_dir(params: dict[str, Any], run_id: str) -> Path:
+    """The run's own checkpoint folder, or the resumable one `labbook` gave (`trainer.ckpt_path: last`)."""
+    if params.get("checkpoint_dir"):
+        path = Path(params["checkpoint_dir"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return output_dir(params, run_id) / "checkpoints"
+
+
 def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> list[Any]:
     """Best and last checkpoints, the learning rate per epoch, early stopping and pruning if asked.
 
@@ -179,7 +203,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
 
     found: list[Any] = [
         ModelCheckpoint(
-            dirpath=output_dir(params, run_id) / "checkpoints" if is_rank_zero() else None,  # rank 0 broadcasts it
+            dirpath=checkpoint_dir(params, run_id) if is_rank_zero() else None,  # rank 0 broadcasts it
             filename="best-{epoch}",
             monitor=monitor,
             mode=mode,
@@ -188,6 +212,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
         ),
         LearningRateMonitor(logging_interval="epoch"),
         _non_finite_loss_callback(),
+        _resume_callback(),
     ]
     if params.get("early_stopping_patience"):
         found.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(params["early_stopping_patience"])))
@@ -243,11 +268,21 @@ def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "
 
     client, run_id = logger.experiment, logger.run_id
     names = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefixes)]
-    columns = {}
-    for name in names:
-        history = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
-        columns[name] = pd.Series([m.value for m in history])
-    frame = pd.DataFrame(columns)
+    # Lightning logs `epoch` beside every epoch-level metric: rows are real epochs, so a run
+    # resumed at epoch 5 (`trainer.ckpt_path: last`) shows epochs 5, 6, ..., not 0, 1, ...
+    epoch_at = {m.step: int(m.value) for m in client.get_metric_history(run_id, "epoch")}
+    histories = {
+        name: sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp)) for name in names
+    }
+    by_epoch = all(
+        len({epoch_at.get(m.step) for m in history} - {None}) == len(history) for history in histories.values()
+    )
+    frame = pd.DataFrame(
+        {
+            name: pd.Series([m.value for m in history], index=[epoch_at[m.step] for m in history] if by_epoch else None)
+            for name, history in histories.items()
+        }
+    )
     frame.index.name = "epoch"
     return frame
 
@@ -309,6 +344,7 @@ __all__ = [
     "TRACKING_PARAMETERS",
     "callbacks",
     "check_pruned",
+    "checkpoint_dir",
     "hyperparameters",
     "is_rank_zero",
     "only_rank_zero_continues",

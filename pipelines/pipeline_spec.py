@@ -275,12 +275,13 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
                 if unknown:
                     raise SpecError(f"{where}.set: ${{{name}.best_params}} holds {unknown[0]!r}, not a setting here")
     elif isinstance(step, CompressStep) and step.student:
-        from lightning_modules import MODELS, init_parameters
+        from lightning_modules import catalog
 
+        models = catalog.names("model")
         model = step.student.get("model")
-        if model is not None and model not in MODELS:
-            raise SpecError(f"{where}.student.model: got {model!r}; expected one of {', '.join(MODELS)}")
-        known = {"model"} | {n for cls in MODELS.values() for n in init_parameters(cls)}
+        if model is not None and model not in models:
+            raise SpecError(f"{where}.student.model: got {model!r}; expected one of {', '.join(models)}")
+        known = {"model"} | {n for m in models for n in catalog.entry("model", m).settings}
         for key in step.student:
             if key not in known:
                 raise SpecError(f"{where}.student.{key}: not a model setting; known: {', '.join(sorted(known))}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import notebook, tracking
+from pipelines import notebook, resume, tracking
 
 if TYPE_CHECKING:
     from pipelines.kernel_pool import KernelPool
@@ -34,14 +34,25 @@ def run_training(
     progress_bar: bool = True,
     on_run: Callable[[str], None] | None = None,
     kernels: KernelPool | None = None,
+    resume_key: str | None = None,
 ) -> RunResult:
-    """The spec's notebook with the spec's parameters, as one run of the spec's experiment."""
+    """The spec's notebook with the spec's parameters, as one run of the spec's experiment.
+
+    With `trainer.ckpt_path: last`, checkpoints go to the folder of `resume_key` (by default,
+    the experiment, spec and settings), where a crashed attempt's last checkpoint is resumed from.
+    """
     tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
     if spec_path is not None:
         tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
-    return run_notebook(
+    params = {**spec.parameters(), **(extra_parameters or {})}
+    resumable = None
+    if spec.trainer.ckpt_path == "last":
+        key = resume_key or resume.run_key(spec.experiment_name, spec.name, spec.parameters())
+        resumable = resume.checkpoint_dir(tracking.tracking_uri(), key)
+        params["checkpoint_dir"] = str(resumable)
+    result = run_notebook(
         spec.notebook_path(spec_path.parent if spec_path else None),
-        {**spec.parameters(), **(extra_parameters or {})},
+        params,
         spec.experiment_name,
         run_name=run_name or spec.name,
         parent_run_id=parent_run_id,
@@ -50,6 +61,9 @@ def run_training(
         on_run=on_run,
         kernels=kernels,
     )
+    if resumable is not None and (result.error is None or result.pruned):
+        resume.finished(resumable)
+    return result
 
 
 def run_notebook(

@@ -16,16 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from lightning_modules import init_parameters
-from lightning_modules.registry import (
-    DATA,
-    DERIVED_FROM_DATA,
-    DERIVED_FROM_MODEL,
-    MODELS,
-    check_fit,
-    data_class,
-    model_class,
-)
+from lightning_modules import catalog
+from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
 from pipelines.tune_spec import TuneSpec
 
@@ -51,6 +43,11 @@ class OptimSpec(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+# Lightning's strategies by name, known without importing Lightning; any other name is looked up
+# in Lightning's own registry (seconds) before it is accepted or refused with the full list.
+_COMMON_STRATEGIES = frozenset({"auto", "ddp", "ddp_spawn", "ddp_notebook", "ddp_fork", "fsdp", "deepspeed"})
+
+
 def _strategies() -> list[str]:
     from lightning.pytorch.strategies import StrategyRegistry
 
@@ -72,10 +69,22 @@ class TrainerSpec(_Strict):
     compile: bool = False  # torch.compile the model before fitting
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement of the monitor
     enable_progress_bar: bool = True
+    # "last": resume this training from the last checkpoint a crashed attempt left (a re-run of the
+    # same settings, or a retried trial), the epoch count continuing; or a .ckpt file to start from.
+    ckpt_path: str | None = None
+
+    @field_validator("ckpt_path")
+    @classmethod
+    def _resumable(cls, value: str | None) -> str | None:
+        if value is not None and value != "last" and not value.endswith(".ckpt"):
+            raise ValueError(f"expected 'last' or a path to a .ckpt file, got {value!r}")
+        return value
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
+        if value in _COMMON_STRATEGIES:
+            return value
         known = _strategies()
         if value not in known:
             raise ValueError(f"unknown strategy {value!r}; allowed: {', '.join(known)}")
@@ -100,20 +109,16 @@ class _Named(BaseModel):
 
     @model_validator(mode="after")
     def _check_arguments(self) -> _Named:
-        # The registry's lookup says "unknown model 'x'; known: ..." for an unknown name.
-        cls = model_class(self.name) if self._kind == "model" else data_class(self.name)
+        # The catalog's lookup says "unknown model 'x'; known: ..." for an unknown name.
+        entry = catalog.entry(self._kind, self.name)
         derived = DERIVED_FROM_DATA if self._kind == "model" else DERIVED_FROM_MODEL
-        own = {
-            n: p
-            for n, p in init_parameters(cls).items()
-            if n not in derived and n not in self._common and n not in _OTHER_SECTIONS
-        }
+        own = [n for n in entry.settings if n not in derived and n not in self._common and n not in _OTHER_SECTIONS]
         extra = dict(self.__pydantic_extra__ or {})
         unknown = sorted(set(extra) - set(own))
         if unknown:
             allowed = ", ".join(["name", *sorted(self._common), *sorted(own)])
             raise ValueError(f"{unknown[0]!r} is not a setting of {self._kind} {self.name!r}; allowed: {allowed}")
-        hints = typing.get_type_hints(cls.__init__) if extra else {}
+        hints = entry.types() if extra else {}
         fields: dict[str, Any] = {n: (hints.get(n, Any), ...) for n in extra}
         checked = create_model(f"{self.name}_settings", __config__=ConfigDict(extra="forbid"), **fields)
         values = checked.model_validate(extra).model_dump()
@@ -224,16 +229,16 @@ class Spec(_Strict):
             return "optim"
         if key in TrainerSpec.model_fields:
             return "trainer"
-        if key in ModelSpec.model_fields or key in init_parameters(model_class(self.model.name)):
+        if key in ModelSpec.model_fields or key in catalog.entry("model", self.model.name).settings:
             return "model"
-        if key in DataSpec.model_fields or key in init_parameters(data_class(self.data.name)):
+        if key in DataSpec.model_fields or key in catalog.entry("data", self.data.name).settings:
             return "data"
         known = sorted(set(self.parameters()) - {"model", "data"})
         raise SpecError(f"--set {key}: unknown setting; known: {', '.join(known)}")
 
 
 def _metric_names(model: str) -> list[str]:
-    return [f"{split}_{m}" for split in ("val", "train", "test") for m in model_class(model).metric_names]
+    return [f"{split}_{m}" for split in ("val", "train", "test") for m in catalog.entry("model", model).metric_names]
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
@@ -286,16 +291,17 @@ TRACKING_PARAMETERS = (
     "trial_number",
     "monitor",
     "monitor_mode",
+    "checkpoint_dir",
 )
 
 
-def _setting_names(models: list[type], datas: list[type]) -> set[str]:
-    """Every setting those model and data classes take, plus the sections' own; never derived ones.
+def _setting_names(models: list[str], datas: list[str]) -> set[str]:
+    """Every setting those models and data sets take, plus the sections' own; never derived ones.
 
     A model setting the data also reads (`block_size`) stays a setting: it is derived only for the data.
     """
-    model_names = {n for cls in models for n in init_parameters(cls)} - set(DERIVED_FROM_DATA)
-    data_names = {n for cls in datas for n in init_parameters(cls)} - set(DERIVED_FROM_MODEL)
+    model_names = {n for m in models for n in catalog.entry("model", m).settings} - set(DERIVED_FROM_DATA)
+    data_names = {n for d in datas for n in catalog.entry("data", d).settings} - set(DERIVED_FROM_MODEL)
     return (
         {"model", "data", "dropout", "batch_size"}
         | model_names
@@ -310,7 +316,7 @@ def hyperparameters(params: dict[str, Any]) -> dict[str, Any]:
 
     A CNN run does not log `hidden_sizes`, a digits run does not log `noise`.
     """
-    names = _setting_names([model_class(params["model"])], [data_class(params["data"])])
+    names = _setting_names([params["model"]], [params["data"]])
     return {k: v for k, v in params.items() if k in names}
 
 
@@ -320,5 +326,5 @@ def notebook_parameters(namespace: dict[str, Any]) -> dict[str, Any]:
     Every name a spec can set, any registered model or data class accepts, or that says where
     the run is tracked; so the parameters cell stays plain assignments.
     """
-    names = _setting_names(list(MODELS.values()), list(DATA.values())) | set(TRACKING_PARAMETERS)
+    names = _setting_names(catalog.names("model"), catalog.names("data")) | set(TRACKING_PARAMETERS)
     return {k: namespace[k] for k in sorted(names) if k in namespace}

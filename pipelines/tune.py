@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from pipelines import notebook, tracking
+from pipelines import notebook, resume, tracking
 from pipelines import study as studies
 from pipelines.run import run_training
 from pipelines.spec import Spec, SpecError
@@ -207,28 +207,31 @@ class _Worker:
         self.mlflow = tracking.client()
         self.kernels: KernelPool | None = None  # set while `run` runs
 
-    def budget_left(self, study: optuna.Study) -> int | None:
+    def budget_left(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None) -> int | None:
         if self.handle.n_trials is None:
             return None
-        return self.handle.n_trials - studies.budget_used(study.get_trials(deepcopy=False))
+        if trials is None:
+            trials = study.get_trials(deepcopy=False)
+        return self.handle.n_trials - studies.budget_used(trials)
 
     def objective(self, trial: optuna.Trial) -> float:
         tune = self.handle.tune
         values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
         spec = self.handle.spec.with_overrides(values)
+        trials = trial.study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
         if self.console:
             total = self.handle.n_trials or "?"
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-            frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
             retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
             retry = "" if retry_of is None else f" (retry of trial {retry_of}, whose worker died)"
             self.console.print(f"[dim]trial {trial.number} of {total} started{retry}: {shown}[/dim]")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        left = self.budget_left(trial.study)
+        left = self.budget_left(trial.study, trials)
         if self.kernels is not None and left is not None:
             self.kernels.expected = 1 + max(0, left)  # this trial and the budget's rest: warm no more
         try:
-            result = self._run(trial, spec)
+            result = self._run(trial, spec, resume.trial_key(self.handle.name, frozen))
         except KeyboardInterrupt:
             trial.set_user_attr("error", "interrupted")
             trial.set_user_attr(studies.INTERRUPTED_ATTR, True)
@@ -245,7 +248,7 @@ class _Worker:
         self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "COMPLETE")
         return value
 
-    def _run(self, trial: optuna.Trial, spec: Spec):
+    def _run(self, trial: optuna.Trial, spec: Spec, resume_key: str):
         tune = self.handle.tune
         return run_training(
             spec,
@@ -267,6 +270,7 @@ class _Worker:
             # On the trial at once: if this worker dies, whoever fails the trial closes the run.
             on_run=lambda run_id: trial.set_user_attr(studies.RUN_ID_ATTR, run_id),
             kernels=self.kernels,
+            resume_key=resume_key,  # a retry of a dead worker's trial resumes its checkpoints
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:

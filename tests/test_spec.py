@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +112,31 @@ def test_cli_validate_accepts_a_good_spec() -> None:
     done = labbook("validate", str(PROJECT_ROOT / "pipelines" / "digits_mlp.yaml"), "--set", "max_epochs=2")
     assert done.returncode == 0, done.stderr
     assert "ok (mlp_classifier on digits, 2 epochs)" in done.stdout
+
+
+def test_the_catalog_specs_are_checked_against_describes_the_registered_classes() -> None:
+    import typing
+
+    from lightning_modules import DATA, MODELS, catalog, init_parameters
+
+    fresh = catalog.build()
+    assert fresh == json.loads(catalog.CATALOG.read_text()), "stale: run `python -m lightning_modules.catalog`"
+    for kind, table in (("model", MODELS), ("data", DATA)):
+        for name, cls in table.items():
+            entry = catalog.entry(kind, name)
+            assert list(entry.settings) == list(init_parameters(cls))
+            own = typing.get_type_hints(cls.__init__)
+            for setting, tp in entry.types().items():  # every written type reads back as the class's own
+                assert setting not in own or tp == own[setting] or entry.settings[setting] == "Any", (name, setting)
+
+
+def test_reading_a_spec_imports_no_torch_so_bad_input_is_reported_at_once(tmp_path: Path) -> None:
+    check = (
+        "import sys\nfrom pipelines.spec import load_spec\n"
+        f"load_spec({str(PROJECT_ROOT / 'pipelines' / 'finetune_minilm.yaml')!r}, {{'lr': 0.01}})\n"
+        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bad = labbook("validate", str(write(tmp_path, changed("model", hidden_sizes="wide"))))
+    assert bad.returncode == 2 and "model.hidden_sizes" in bad.stderr, bad.stderr

@@ -7,17 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
 import optuna
+import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
 from pipelines import notebook
 from pipelines.spec import PROJECT_ROOT
-from tests.conftest import labbook
+from tests.conftest import LABBOOK, labbook
 
 SPECS = PROJECT_ROOT / "pipelines"
 
@@ -95,6 +102,7 @@ BAD_SPECS = [
     ({"tune": {"space": {"lr": {"type": "float", "low": 1.0, "high": 0.1}}}}, "empty range"),
     ({"tune": {"space": {"lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}}, "needs low > 0"),
     ({"notebook": "notebooks/nope.ipynb"}, "notebook: no such notebook"),
+    ({"trainer": {"ckpt_path": "latest"}}, "trainer.ckpt_path: expected 'last' or a path to a .ckpt file"),
 ]
 
 
@@ -315,3 +323,91 @@ def test_5_four_workers_on_the_embedded_store_finish_exactly_20_trials_each_run_
     numbers = sorted(int(r.data.tags["labbook.trial_number"]) for r in children)
     assert numbers == list(range(20))  # every trial's run, exactly once
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+
+
+def _kernels_under(root: int) -> list[int]:
+    """The ipykernel processes descending from `root`, read from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    found = []
+    for pid in filter(descends, parents):
+        with contextlib.suppress(OSError):
+            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+def _kill_kernel_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180) -> None:
+    """SIGKILL the notebook kernel under `process` (an OOM kill, a preempted node) once `ready()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if ready():
+            for kernel in _kernels_under(process.pid):
+                os.kill(kernel, signal.SIGKILL)
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"never ready to kill the kernel; exit code {process.poll()}")
+
+
+def test_6_a_crashed_training_resumes_from_its_last_checkpoint_with_the_epoch_count_going_on(
+    store: str, tmp_path: Path
+) -> None:
+    raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
+    raw["trainer"] |= {"max_epochs": 12, "ckpt_path": "last", "enable_progress_bar": False}
+    spec = _spec(tmp_path, raw)
+    resumable = tmp_path / "mlruns" / "checkpoints" / "regression"
+
+    crashed = subprocess.Popen([str(LABBOOK), "run", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _kill_kernel_when(crashed, lambda: any(resumable.rglob("last.ckpt")))
+    _, stderr = crashed.communicate(timeout=120)
+    assert crashed.returncode == 1 and b"kernel died" in stderr, stderr[-2000:]
+    (last,) = resumable.rglob("last.ckpt")
+    reached = torch.load(last, weights_only=False)["epoch"]  # the epoch the last checkpoint closed
+    assert reached < 11
+
+    done = labbook("run", str(spec))
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("regression").experiment_id
+    first, second = sorted(client.search_runs([experiment]), key=lambda r: r.info.start_time)
+    assert first.info.status == "FAILED" and first.data.tags["labbook.error"].startswith("kernel died")
+    assert len(client.get_metric_history(first.info.run_id, "val_loss")) >= reached + 1  # kept, not overwritten
+    assert second.info.status == "FINISHED"
+    assert second.data.tags["labbook.resumed_from"] == str(last)
+    assert second.data.tags["labbook.resumed_at_epoch"] == str(reached + 1)
+    # The count went on from the checkpoint to max_epochs: only the epochs left were trained and logged.
+    assert len(client.get_metric_history(second.info.run_id, "val_loss")) == 12 - (reached + 1)
+    curves = client.download_artifacts(second.info.run_id, "tables/metrics_per_epoch.csv", str(tmp_path))
+    assert pd.read_csv(curves)["epoch"].tolist() == list(range(reached + 1, 12))
+    assert not last.exists()  # the training ended: nothing is left to resume, a third run starts afresh
+
+
+def test_6_a_retried_trial_resumes_the_checkpoints_of_the_trial_it_retries(tmp_path: Path) -> None:
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from pipelines import resume
+
+    study = optuna.create_study(study_name="s/../x", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    original = study.ask()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry(study, study._storage.get_trial(original._trial_id))  # its worker died: a retry is enqueued
+    retried = study.ask()
+    retry(study, study._storage.get_trial(retried._trial_id))  # and that worker died too
+    again = study.ask()
+    keys = {resume.trial_key("s/../x", study._storage.get_trial(t._trial_id)) for t in (original, retried, again)}
+    assert keys == {"s_.._x/trial-0"}  # one folder for the trial and its retries, inside the store
+
+    settings = {"lr": 0.01, "max_epochs": 10}
+    assert resume.run_key("e", "spec", settings) == resume.run_key("e", "spec", {**settings, "max_epochs": 20})
+    assert resume.run_key("e", "spec", settings) != resume.run_key("e", "spec", {**settings, "lr": 0.02})
+    assert "/" not in resume.run_key("../../etc", "spec", settings).split("/", 1)[0]

@@ -1,0 +1,142 @@
+"""The registry's models and data sets described as plain data: what a spec is checked against.
+
+Importing the classes means importing torch and Lightning, seconds on a laptop; every `labbook`
+command would pay that before reading its spec, and a typo took 5 s to report. So each
+registered class's settings (name → type), task, kind of input and metrics are written once to
+`catalog.json` by `python -m lightning_modules.catalog`, from the classes themselves, and read
+here without importing torch. `tests/test_spec.py` fails when the file and the classes disagree.
+This module imports nothing from torch, Lightning or the rest of this package.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+CATALOG = Path(__file__).with_name("catalog.json")
+
+# Model arguments that come from the data module (never set by a spec), and data arguments
+# that come from the model: `-p model cnn` alone gives the CNN its images, and the text data
+# cuts its windows to the GPT's own `block_size` (a model setting).
+DERIVED_FROM_DATA = ("input_shape", "num_classes", "vocab_size")
+DERIVED_FROM_MODEL = ("flatten", "block_size")
+
+# The names a setting's type may use, as written in catalog.json.
+_TYPE_NAMES: dict[str, Any] = {
+    "Any": Any,
+    "Literal": Literal,
+    "Sequence": Sequence,
+    "Mapping": Mapping,
+    "None": None,
+    **{t.__name__: t for t in (int, float, str, bool, list, tuple, dict)},
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered class, as a spec sees it."""
+
+    name: str
+    target: str  # "module:Class", what the registry builds
+    settings: dict[str, str]  # every `__init__` argument → its type as Python source ("Sequence[int]")
+    task: str
+    input_kind: str
+    input_rank: int | None = None
+    metric_names: tuple[str, ...] = ()
+
+    def types(self) -> dict[str, Any]:
+        """The settings' types, for pydantic: `{"hidden_sizes": Sequence[int], ...}`."""
+        return {name: eval(source, {"__builtins__": {}}, _TYPE_NAMES) for name, source in self.settings.items()}
+
+
+@functools.cache
+def _read() -> dict[str, dict[str, Entry]]:
+    raw = json.loads(CATALOG.read_text())
+    return {
+        kind: {
+            name: Entry(name=name, **{**e, "metric_names": tuple(e.get("metric_names", ()))})
+            for name, e in entries.items()
+        }
+        for kind, entries in raw.items()
+    }
+
+
+def names(kind: Literal["model", "data"]) -> list[str]:
+    return list(_read()[kind])
+
+
+def entry(kind: Literal["model", "data"], name: str) -> Entry:
+    """The entry of model or data `name`; an unknown one says which are known."""
+    table = _read()[kind]
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}") from None
+
+
+def check_fit(model: str, data: str) -> None:
+    """A model trains on a data set only if they share the task and the kind of input."""
+    m, d = entry("model", model), entry("data", data)
+    if (m.task, m.input_kind) != (d.task, d.input_kind):
+        fitting = [e.name for e in _read()["data"].values() if (e.task, e.input_kind) == (m.task, m.input_kind)]
+        raise ValueError(
+            f"model {model!r} is for {m.task} but data {data!r} is {d.task}"
+            + ("" if m.input_kind == d.input_kind else f" ({d.input_kind})")
+            + f"; pick a data set made for it ({', '.join(fitting)})"
+        )
+
+
+def type_source(tp: Any) -> str:
+    """A type as the Python source `Entry.types` evaluates back to it; `Any` where it cannot."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None) or tp is None:
+        return "None"
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(a) for a in args)}]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_source(a) for a in args)
+    if origin is not None and args:
+        inner = ", ".join("..." if a is Ellipsis else type_source(a) for a in args)
+        return f"{type_source(origin)}[{inner}]"
+    name = getattr(tp, "__name__", None)
+    return name if name in _TYPE_NAMES and _TYPE_NAMES[name] is tp else "Any"
+
+
+def build() -> dict[str, dict[str, dict[str, Any]]]:
+    """The catalog, from the registry's classes (this imports torch and Lightning)."""
+    from lightning_modules.registry import DATA, MODELS, init_parameters
+
+    def describe(cls: type) -> dict[str, Any]:
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):  # a subclass's annotation wins over its base's
+            if "__init__" in vars(klass) and klass.__module__.startswith("lightning_modules."):
+                hints |= typing.get_type_hints(klass.__init__)
+        described = Entry(
+            name="",
+            target=f"{cls.__module__}:{cls.__qualname__}",
+            settings={name: type_source(hints.get(name, Any)) for name in init_parameters(cls)},
+            task=cls.task,
+            input_kind=cls.input_kind,
+            input_rank=getattr(cls, "input_rank", None),
+            metric_names=tuple(getattr(cls, "metric_names", ())),
+        )
+        fields = asdict(described)
+        del fields["name"]
+        fields["metric_names"] = list(fields["metric_names"])
+        return {k: v for k, v in fields.items() if v not in (None, [])}
+
+    return {
+        "model": {name: describe(cls) for name, cls in MODELS.items()},
+        "data": {name: describe(cls) for name, cls in DATA.items()},
+    }
+
+
+if __name__ == "__main__":  # python -m lightning_modules.catalog: rewrite catalog.json from the classes
+    CATALOG.write_text(json.dumps(build(), indent=2) + "\n")
+    print(f"wrote {CATALOG}")
