@@ -399,6 +399,9 @@ def ui(
     out.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # One person's local UI: one server process (its requests run in a thread pool), not MLflow's
+    # default 4, each importing MLflow (~2 s of CPU) and holding ~200 MB. `labbook server` scales.
+    command += ["--workers", "1"]
     # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
     _serve(command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
 

@@ -32,7 +32,7 @@ WARM_MODULES = (
     "pandas",
     "matplotlib.pyplot",
     "sklearn.metrics",
-    "lightning_modules",
+    "lightning_modules.registry",  # the package itself imports its models lazily
     "pipelines.in_notebook",
     "mlflow.pytorch",
 )

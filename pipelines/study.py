@@ -12,6 +12,7 @@ import os
 import random
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 
 import optuna
@@ -114,15 +115,24 @@ def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
         optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {trial.number}: {exc}")
 
 
-def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
+def sampler(spec: SamplerSpec, worker: str | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; in a joined worker process (`worker` names it), seeded apart.
+
+    Each process samples with its own generator: with one seed for all, every worker drew the
+    same random start-up points, so 2 workers ran each parameter set twice. The study's own
+    process keeps the spec's seed, so a one-worker study is reproducible.
+    """
+    seed = spec.seed
+    if seed is not None and worker is not None:
+        seed = (seed + zlib.crc32(worker.encode())) % 2**32
     startup = {} if spec.n_startup_trials is None else {"n_startup_trials": spec.n_startup_trials}
     if spec.name == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, **startup)
+        return optuna.samplers.TPESampler(seed=seed, **startup)
     if spec.name == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.name == "gp":
-        return optuna.samplers.GPSampler(seed=spec.seed, **startup)
-    return optuna.samplers.CmaEsSampler(seed=spec.seed, **startup)
+        return optuna.samplers.GPSampler(seed=seed, **startup)
+    return optuna.samplers.CmaEsSampler(seed=seed, **startup)
 
 
 def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:

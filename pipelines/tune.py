@@ -74,11 +74,12 @@ class Study:
         assert self.spec.tune is not None
         return self.spec.tune
 
-    def load(self, heartbeat: bool = True) -> optuna.Study:
+    def load(self, heartbeat: bool = True, worker: str | None = None) -> optuna.Study:
+        """The study as one process sees it; `worker` names a process that joined (`labbook worker`)."""
         return optuna.load_study(
             study_name=self.name,
             storage=studies.storage(self.storage_url, heartbeat=heartbeat),
-            sampler=studies.sampler(self.tune.sampler),
+            sampler=studies.sampler(self.tune.sampler, worker),
             pruner=studies.pruner(self.tune.pruner),
         )
 
@@ -200,10 +201,11 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
 class _Worker:
     """Runs trials of one study until its budget is spent; prints a progress line per trial."""
 
-    def __init__(self, handle: Study, parent_run_id: str, console: Console | None) -> None:
+    def __init__(self, handle: Study, parent_run_id: str, console: Console | None, worker: str | None = None) -> None:
         self.handle = handle
         self.parent_run_id = parent_run_id
         self.console = console
+        self.worker = worker  # set in a joined worker process: its sampler gets a seed of its own
         self.mlflow = tracking.client()
         self.kernels: KernelPool | None = None  # set while `run` runs
 
@@ -299,7 +301,7 @@ class _Worker:
 
     def _run_trials(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        study = self.handle.load()
+        study = self.handle.load(worker=self.worker)
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -320,7 +322,8 @@ class _Worker:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if not running:
                 return
-            time.sleep(studies.heartbeat_seconds())
+            # A cheap query: others' trials end (or go stale) when they do, not at the next heartbeat.
+            time.sleep(min(1.0, studies.heartbeat_seconds()))
             studies.fail_stale_trials(study)
 
 
@@ -368,7 +371,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
         )
     if console:
         console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
-    _Worker(handle, parent, console).run(handle.timeout)
+    _Worker(handle, parent, console, worker=f"{socket.gethostname()}:{os.getpid()}").run(handle.timeout)
 
 
 def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:

@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import mlflow  # noqa: E402
+import nbformat  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,22 @@ def labbook(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         text=True,
         timeout=600,
     )
+
+
+def metric_only_notebook(tmp_path: Path, seconds: float = 0.0) -> Path:
+    """A trial notebook that logs its metric and nothing else: the stores' concurrency is under test.
+
+    It imports MLflow only (not torch or Lightning): for tests of how studies share their stores,
+    not of training (run them with `LABBOOK_WARM_KERNELS=0`: warm kernels would import torch).
+    `seconds` keeps each trial running that long (idle), so that every worker gets trials.
+    """
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell('lr = 0.01\ntracking_uri = ""\nrun_id = ""')
+    parameters.metadata.tags = ["parameters"]
+    log = "from mlflow import MlflowClient\n\nMlflowClient(tracking_uri).log_metric(run_id, 'val_r2', -abs(lr - 0.01))"
+    log += f"\n__import__('time').sleep({seconds})"
+    nb.cells = [parameters, nbformat.v4.new_code_cell(log)]
+    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
+    path = tmp_path / "metric_only.ipynb"
+    nbformat.write(nb, path)
+    return path

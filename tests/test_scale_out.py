@@ -97,7 +97,7 @@ def server(tmp_path: Path, database: Callable[[str], str]) -> Iterator[Callable[
         home.mkdir()
         port = free_port()
         command = [str(LABBOOK), "server", "--backend-store-uri", database("mlflow")]
-        command += ["--artifacts-destination", str(home / "artifacts"), "--port", str(port)]
+        command += ["--artifacts-destination", str(home / "artifacts"), "--port", str(port), "--workers", "2"]
         env = dict(os.environ)
         if auth:
             command += ["--auth", "--auth-db", database("auth")]
@@ -231,7 +231,9 @@ def test_basic_auth_server_and_a_killed_worker_whose_trial_is_retried(
             trials = []
         for t in trials:
             running_for = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0
-            if t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(victim_mark) and running_for > 4:
+            mine = t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(victim_mark)
+            # Once its MLflow run exists (a loaded server may take seconds to create it) and it trains.
+            if mine and t.user_attrs.get("mlflow_run_id") and running_for > 4:
                 os.killpg(victim.pid, signal.SIGKILL)
                 killed = t.number
         time.sleep(0.5)

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from pipelines import notebook
 from pipelines.spec import PROJECT_ROOT
-from tests.conftest import LABBOOK, labbook
+from tests.conftest import LABBOOK, labbook, metric_only_notebook
 
 SPECS = PROJECT_ROOT / "pipelines"
 
@@ -287,27 +287,11 @@ def test_11_an_unreachable_tracking_server_fails_fast_in_one_line_and_starts_not
     assert not (tmp_path / "mlruns" / "optuna.db").exists()  # no study, so no trial counted without its run
 
 
-def _metric_only_notebook(tmp_path: Path) -> Path:
-    """A trial notebook that logs its metric and nothing else: the stores' concurrency is under test.
-
-    It imports MLflow only (not torch/Lightning), so 20 trials on 4 workers fit in the test budget.
-    """
-    nb = nbformat.v4.new_notebook()
-    parameters = nbformat.v4.new_code_cell('lr = 0.01\ntracking_uri = ""\nrun_id = ""')
-    parameters.metadata.tags = ["parameters"]
-    log = "from mlflow import MlflowClient\n\nMlflowClient(tracking_uri).log_metric(run_id, 'val_r2', -abs(lr - 0.01))"
-    nb.cells = [parameters, nbformat.v4.new_code_cell(log)]
-    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
-    path = tmp_path / "metric_only.ipynb"
-    nbformat.write(nb, path)
-    return path
-
-
 @pytest.mark.slow
 def test_5_four_workers_on_the_embedded_store_finish_exactly_20_trials_each_run_once(
     store: str, tmp_path: Path
 ) -> None:
-    raw = _tiny_study(tmp_path, notebook=str(_metric_only_notebook(tmp_path)))
+    raw = _tiny_study(tmp_path, notebook=str(metric_only_notebook(tmp_path)))
     spec = _spec(tmp_path, raw)
     # No warm kernels: they would import torch and Lightning for a notebook that needs neither.
     env = {"LABBOOK_WARM_KERNELS": "0"}
