@@ -15,7 +15,7 @@ import json
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -117,19 +117,15 @@ def build() -> dict[str, dict[str, dict[str, Any]]]:
         for klass in reversed(cls.__mro__):  # a subclass's annotation wins over its base's
             if "__init__" in vars(klass) and klass.__module__.startswith("lightning_modules."):
                 hints |= typing.get_type_hints(klass.__init__)
-        described = Entry(
-            name="",
-            target=f"{cls.__module__}:{cls.__qualname__}",
-            settings={name: type_source(hints.get(name, Any)) for name in init_parameters(cls)},
-            task=cls.task,
-            input_kind=cls.input_kind,
-            input_rank=getattr(cls, "input_rank", None),
-            metric_names=tuple(getattr(cls, "metric_names", ())),
-        )
-        fields = asdict(described)
-        del fields["name"]
-        fields["metric_names"] = list(fields["metric_names"])
-        return {k: v for k, v in fields.items() if v not in (None, [])}
+        fields = {
+            "target": f"{cls.__module__}:{cls.__qualname__}",
+            "settings": {name: type_source(hints.get(name, Any)) for name in init_parameters(cls)},
+            "task": cls.task,
+            "input_kind": cls.input_kind,
+            "input_rank": getattr(cls, "input_rank", None),
+            "metric_names": list(getattr(cls, "metric_names", ())),
+        }
+        return {k: v for k, v in fields.items() if v not in (None, [])}  # Entry's defaults
 
     return {
         "model": {name: describe(cls) for name, cls in MODELS.items()},

@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as L
 
+from lightning_modules import catalog
 from lightning_modules.base import TrainableModule
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.data import DigitsDataModule, RegressionDataModule, SplitDataModule
@@ -39,10 +40,8 @@ DATA: dict[str, type[SplitDataModule]] = {
 
 
 def _lookup(kind: str, name: str, table: Mapping[str, type]) -> type:
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}") from None
+    catalog.entry(kind, name)  # an unknown name: the catalog's one-line error, the one a spec gets
+    return table[name]
 
 
 def model_class(name: str) -> type[TrainableModule]:

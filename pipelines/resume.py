@@ -50,7 +50,7 @@ def trial_key(study_name: str, trial: FrozenTrial) -> str:
 
 def checkpoint_dir(uri: str, key: str) -> Path:
     """The resumable checkpoints of `key`, beside the local store (on a shared disk when scaled out)."""
-    return (tracking.local_store_dir(uri) or Path.cwd() / "mlruns") / "checkpoints" / key
+    return tracking.files_dir(uri) / "checkpoints" / key
 
 
 def finished(path: Path) -> None:

@@ -44,10 +44,11 @@ def run_training(
     tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
     if spec_path is not None:
         tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
-    params = {**spec.parameters(), **(extra_parameters or {})}
+    settings = spec.parameters()
+    params = {**settings, **(extra_parameters or {})}
     resumable = None
     if spec.trainer.ckpt_path == "last":
-        key = resume_key or resume.run_key(spec.experiment_name, spec.name, spec.parameters())
+        key = resume_key or resume.run_key(spec.experiment_name, spec.name, settings)
         resumable = resume.checkpoint_dir(tracking.tracking_uri(), key)
         params["checkpoint_dir"] = str(resumable)
     result = run_notebook(

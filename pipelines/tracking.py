@@ -48,9 +48,14 @@ def local_store_dir(uri: str) -> Path | None:
     return Path(match.group(1)).resolve().parent if match else None
 
 
+def files_dir(uri: str) -> Path:
+    """Where labbook keeps files of its own: beside a local store, else `./mlruns` (a server store)."""
+    return local_store_dir(uri) or Path.cwd() / "mlruns"
+
+
 def output_dir(uri: str, run_id: str) -> Path:
     """Where papermill writes a run's executed notebook and checkpoints: beside a local store."""
-    return (local_store_dir(uri) or Path.cwd() / "mlruns") / "outputs" / run_id
+    return files_dir(uri) / "outputs" / run_id
 
 
 def redact(url: str) -> str:

@@ -228,7 +228,7 @@ class _Worker:
             retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
             retry = "" if retry_of is None else f" (retry of trial {retry_of}, whose worker died)"
             self.console.print(f"[dim]trial {trial.number} of {total} started{retry}: {shown}[/dim]")
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker", _this_process())
         left = self.budget_left(trial.study, trials)
         if self.kernels is not None and left is not None:
             self.kernels.expected = 1 + max(0, left)  # this trial and the budget's rest: warm no more
@@ -327,6 +327,11 @@ class _Worker:
             studies.fail_stale_trials(study)
 
 
+def _this_process() -> str:
+    """`host:pid`: which worker ran a trial, and what a joined worker's sampler seed is mixed with."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -371,7 +376,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
         )
     if console:
         console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
-    _Worker(handle, parent, console, worker=f"{socket.gethostname()}:{os.getpid()}").run(handle.timeout)
+    _Worker(handle, parent, console, worker=_this_process()).run(handle.timeout)
 
 
 def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:

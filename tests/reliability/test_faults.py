@@ -224,17 +224,26 @@ def _open_fds() -> list[str]:
     return found
 
 
-def _kernel_children() -> list[int]:
-    me = str(Path("/proc/self").resolve().name)
-    kids = []
+def _kernels_under(root: int) -> list[int]:
+    """The ipykernel processes descending from `root`, read from /proc."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[1] == me and "ipykernel" in (stat.parent / "cmdline").read_text():
-                kids.append(int(stat.parent.name))
-        except (OSError, IndexError):
-            pass
-    return kids
+        with contextlib.suppress(OSError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+        return False
+
+    found = []
+    for pid in filter(descends, parents):
+        with contextlib.suppress(OSError):
+            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
 
 
 @pytest.mark.slow
@@ -259,7 +268,7 @@ def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections
     with notebook.warm_kernels(0) as kernels:
         results = [run_notebook(path, {"n": n}, "leaks", progress_bar=False, kernels=kernels) for n in range(50)]
     assert [r.status for r in results] == ["FINISHED"] * 50
-    assert _kernel_children() == []
+    assert _kernels_under(os.getpid()) == []
     assert list(runtime.glob("kernel-*.json")) == []  # every connection file removed
     # This test's store only: earlier tests in the same pytest worker keep their own stores' pools.
     db_handles = [f for f in _open_fds() if f.startswith(str(tmp_path.resolve())) and f.endswith("mlflow.db")]
@@ -307,28 +316,6 @@ def test_5_four_workers_on_the_embedded_store_finish_exactly_20_trials_each_run_
     numbers = sorted(int(r.data.tags["labbook.trial_number"]) for r in children)
     assert numbers == list(range(20))  # every trial's run, exactly once
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
-
-
-def _kernels_under(root: int) -> list[int]:
-    """The ipykernel processes descending from `root`, read from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == root:
-                return True
-        return False
-
-    found = []
-    for pid in filter(descends, parents):
-        with contextlib.suppress(OSError):
-            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-    return found
 
 
 def _kill_kernel_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180) -> None:
