@@ -6,6 +6,10 @@ critical path without giving up isolation: every kernel runs exactly one noteboo
 down after it; the pool only starts kernels early. Size 0 is the plain behaviour (papermill
 starts a kernel per notebook).
 
+Each kernel is forked from one process that did the heavy imports once (kernel_fork.py), so a
+pool pays them once rather than once per trial; `LABBOOK_FORK_KERNELS=0` starts every kernel as
+its own process instead (the imports then run in each, at idle priority, while a trial trains).
+
 Written here because neither papermill nor jupyter_client pre-warms kernels: nbclient accepts
 an already started kernel manager (`km=`), and this module supplies one.
 """
@@ -15,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_client import KernelManager
+
+from pipelines.kernel_fork import ForkedProcess, ForkProvisioner, Zygote
 
 # What every training notebook imports first; imported in the warm kernel before it is handed out.
 WARM_MODULES = (
@@ -37,6 +44,7 @@ WARM_MODULES = (
     "mlflow.pytorch",
 )
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
+ENV_FORK = "LABBOOK_FORK_KERNELS"
 
 
 def default_size() -> int:
@@ -46,6 +54,14 @@ def default_size() -> int:
         return max(0, int(raw)) if raw else 1
     except ValueError:
         raise ValueError(f"{ENV_SIZE}={raw!r}: expected a whole number ≥ 0") from None
+
+
+def fork_enabled() -> bool:
+    """`LABBOOK_FORK_KERNELS` (default 1): fork a pool's kernels from one warm process."""
+    raw = os.environ.get(ENV_FORK, "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError(f"{ENV_FORK}={raw!r}: expected 1 or 0")
+    return raw in ("1", "true", "yes", "")
 
 
 def trial_threads() -> int:
@@ -78,40 +94,50 @@ def _set_policy(pid: int | None, policy: int) -> bool:
     return True
 
 
-def warm_up(tracking_uri: str | None = None) -> None:
+def warm_up(tracking_uri: str | None = None, caches: bool = True) -> None:
     """Runs inside a pool kernel before it is handed out: everything a trial would pay for first.
 
     Only process-wide caches are filled (modules, the tracking store, fonts, MLflow's first
-    model save); the kernel's user namespace stays empty for the notebook.
+    model save); the kernel's user namespace stays empty for the notebook. A kernel forked from
+    a zygote has the modules and caches already (`caches=False`): only its store is its own.
     """
     import importlib
-    import io
-    import tempfile
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in WARM_MODULES:
-            importlib.import_module(name)
-        import mlflow.pytorch
-        import torch
-        from matplotlib.figure import Figure
-
-        figure = Figure()
-        figure.add_subplot().plot([0, 1], label="warm")
-        figure.savefig(io.BytesIO(), format="png")  # the font cache and Agg, loaded once
-        with tempfile.TemporaryDirectory() as folder:  # MLflow's first model save costs ~0.6 s
-            mlflow.pytorch.save_model(
-                torch.nn.Linear(2, 1), f"{folder}/model", input_example=torch.ones(1, 2).numpy(), pip_requirements=[]
-            )
+        if caches:
+            _fill_caches()
         if tracking_uri:
             # Opening the store (engine, schema check) costs 0.6-1.6 s; MLflow caches it per process.
+            # Never in a zygote: its kernels would share one forked database connection.
             store = importlib.import_module("pipelines.tracking").client(tracking_uri)._tracking_client.store
             del store
 
 
-def _warm_code(tracking_uri: str | None) -> str:
-    return f"__import__('pipelines.kernel_pool').kernel_pool.warm_up({tracking_uri!r})"
+def _fill_caches() -> None:
+    """Import what every trial imports, and load what its first plot and first model save load."""
+    import importlib
+    import io
+    import tempfile
+
+    for name in WARM_MODULES:
+        importlib.import_module(name)
+    import mlflow.pytorch
+    import torch
+    from matplotlib.figure import Figure
+
+    figure = Figure()
+    figure.add_subplot().plot([0, 1], label="warm")
+    figure.savefig(io.BytesIO(), format="png")  # the font cache and Agg, loaded once
+    with tempfile.TemporaryDirectory() as folder:  # MLflow's first model save costs ~0.6 s
+        mlflow.pytorch.save_model(
+            torch.nn.Linear(2, 1), f"{folder}/model", input_example=torch.ones(1, 2).numpy(), pip_requirements=[]
+        )
+
+
+def _warm_code(tracking_uri: str | None, caches: bool) -> str:
+    return f"__import__('pipelines.kernel_pool').kernel_pool.warm_up({tracking_uri!r}, {caches!r})"
 
 
 def _pid(km: KernelManager) -> int | None:
@@ -142,7 +168,7 @@ class KernelPool:
         self.expected = expected
         self.kernel_name = kernel_name
         self.cwd = str(cwd or Path.cwd())
-        self.code = _warm_code(tracking_uri)
+        self.tracking_uri = tracking_uri
         self._starter = ThreadPoolExecutor(max_workers=max(1, size), thread_name_prefix="labbook-warm-kernel")
         # Each warming kernel with its process id, once known: a trial waiting for it promotes it.
         self._ready: deque[tuple[Future[KernelManager], _Warming]] = deque()
@@ -151,6 +177,9 @@ class KernelPool:
         self.threads = trial_threads()
         self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
         self.started = 0  # kernels the pool has started (handed out, warming or wasted)
+        self.fork = fork_enabled()
+        self._zygote: Zygote | None = None
+        self._zygote_lock = threading.Lock()
         for _ in range(size if expected is None else min(size, expected)):
             self._submit()
 
@@ -166,6 +195,12 @@ class KernelPool:
         km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
         threads = str(self.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        zygote = self._zygote_started()
+        if zygote is not None:
+            # The manager keeps a provisioner it already has (jupyter_client uses this for restarts).
+            km.kernel_id = str(uuid.uuid4())
+            km.provisioner = ForkProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
+            km.provisioner.zygote = zygote
         km.start_kernel(cwd=self.cwd, env=env)
         with warming.lock:
             warming.pid = _pid(km)
@@ -175,7 +210,9 @@ class KernelPool:
         client.start_channels()
         try:
             client.wait_for_ready(timeout=120)
-            reply = client.execute_interactive(self.code, silent=True, store_history=False, timeout=300)
+            forked = isinstance(getattr(km.provisioner, "process", None), ForkedProcess)
+            code = _warm_code(self.tracking_uri, caches=not forked)
+            reply = client.execute_interactive(code, silent=True, store_history=False, timeout=300)
             if reply["content"]["status"] != "ok":
                 content = reply["content"]
                 raise RuntimeError(f"warming a kernel failed: {content.get('ename')}: {content.get('evalue')}")
@@ -185,6 +222,15 @@ class KernelPool:
             raise
         client.stop_channels()
         return km
+
+    def _zygote_started(self) -> Zygote | None:
+        """The pool's zygote, started on first use (its imports are the first kernel's warming)."""
+        if not self.fork:
+            return None
+        with self._zygote_lock:
+            if self._zygote is None and self.size > 0:
+                self._zygote = Zygote()
+            return self._zygote
 
     def take(self) -> KernelManager | None:
         """The oldest warm kernel (waiting for it if need be), and a replacement starts warming.
@@ -243,6 +289,9 @@ class KernelPool:
             with contextlib.suppress(Exception):  # a kernel that never started needs no shutdown
                 self.release(future.result())
         self._starter.shutdown(wait=True)
+        with self._zygote_lock:
+            if self._zygote is not None:
+                self._zygote.close()
 
     def __enter__(self) -> KernelPool:
         return self

@@ -19,7 +19,8 @@ def _probe_notebook(path: Path) -> Path:
     parameters.metadata.tags = ["parameters"]
     probe = nbformat.v4.new_code_cell(
         "import os, sys\n"
-        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules)\n"
+        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules,"
+        " os.getppid(), os.getpgid(0), os.getcwd())\n"
         "secret = trial"
     )
     nb.cells = [parameters, probe]
@@ -36,21 +37,51 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
-def test_every_trial_gets_a_fresh_warm_kernel_and_no_globals_leak(tmp_path: Path) -> None:
+def _said(executed: notebook.ExecutedNotebook) -> list[str]:
+    return nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_every_trial_gets_a_fresh_warm_kernel_and_no_globals_leak(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fork: str
+) -> None:
+    monkeypatch.setenv("LABBOOK_FORK_KERNELS", fork)
     probe = _probe_notebook(tmp_path / "probe.ipynb")
-    seen = []
+    seen, parents = [], set()
     with notebook.warm_kernels(1) as pool:
         for trial in range(3):
             executed = notebook.execute(probe, tmp_path / f"trial{trial}", {"trial": trial}, False, False, pool)
             assert executed.ok, executed.error
-            said, pid, warmed = nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()
+            said, pid, warmed, parent, group, cwd = _said(executed)
             assert said == "clean"  # `secret`, set by the previous trial, is undefined here
             assert warmed == "True"  # the heavy imports were done before the notebook started
+            assert group == pid  # its own process group, so a signal reaches what it starts
+            assert Path(cwd) == Path.cwd()
             seen.append(int(pid))
+            parents.add(int(parent))
         handed_out = list(pool.handed_out)
+        zygote = pool._zygote.process if pool._zygote else None
     assert len(set(seen)) == 3 and seen == handed_out  # never the same kernel twice
     assert not any(_alive(pid) for pid in seen)  # each shut down after its one notebook
     assert not any(_alive(pid) for pid in handed_out)
+    if fork == "1":  # every kernel a fork of the one process that imported torch; gone with the pool
+        assert zygote is not None and parents == {zygote.pid} and zygote.poll() is not None
+    else:
+        assert zygote is None and parents == {os.getpid()}
+
+
+def test_a_forked_kernel_that_dies_is_seen_dead_and_its_trial_fails(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os\nos._exit(3)")]
+    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
+    dies = tmp_path / "dies.ipynb"
+    nbformat.write(nb, dies)
+    probe = _probe_notebook(tmp_path / "probe.ipynb")
+    with notebook.warm_kernels(1, expected=2) as pool:
+        died = notebook.execute(dies, tmp_path / "died", {}, False, False, pool)
+        after = notebook.execute(probe, tmp_path / "after", {"trial": 1}, False, False, pool)
+    assert not died.ok and "died" in str(died.error).lower(), died.error
+    assert after.ok and _said(after)[0] == "clean"  # the next kernel, forked as before
 
 
 def test_the_pool_warms_no_kernel_beyond_the_notebooks_expected(tmp_path: Path) -> None:
@@ -60,7 +91,7 @@ def test_the_pool_warms_no_kernel_beyond_the_notebooks_expected(tmp_path: Path) 
         for trial in range(3):  # one more than expected: it runs, in a cold kernel
             executed = notebook.execute(probe, tmp_path / f"trial{trial}", {"trial": trial}, False, False, pool)
             assert executed.ok, executed.error
-            warm.append(nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()[2])
+            warm.append(_said(executed)[2])
         started = pool.started
     assert warm == ["True", "True", "False"] and started == 2  # nothing warmed for nobody
 
@@ -70,8 +101,8 @@ def test_a_pool_of_size_0_is_the_plain_behaviour(tmp_path: Path) -> None:
     with notebook.warm_kernels(0) as pool:
         executed = notebook.execute(probe, tmp_path / "out", {"trial": 1}, False, False, pool)
     assert executed.ok and pool.handed_out == []
-    said, _, warmed = nbformat.read(executed.ipynb, 4).cells[2].outputs[0]["text"].split()
-    assert (said, warmed) == ("clean", "False")  # a cold kernel, started by papermill
+    said, _, warmed, parent, *_ = _said(executed)
+    assert (said, warmed, parent) == ("clean", "False", str(os.getpid()))  # a cold kernel, started by papermill
 
 
 def test_the_pool_size_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

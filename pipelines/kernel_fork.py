@@ -1,0 +1,246 @@
+"""Kernels forked from one warm process: a pool pays the heavy imports once, not once per trial.
+
+Starting kernels early (kernel_pool.py) hides their ~6-8 s of imports behind the running trial,
+but the CPU is still spent once per trial, and on a busy 2-core machine that CPU is the trial's.
+Here one "zygote" process imports what every training notebook needs (WARM_MODULES: torch,
+Lightning, MLflow, Optuna, ...) and each kernel is an `os.fork()` of it: a new process with its
+own pid, session, user namespace and sockets, running in ~0.1 s with the modules already in
+memory (copy-on-write). Isolation is unchanged: the zygote never runs a notebook, so every kernel
+starts from the state of a cold kernel that has imported the same modules, and each still runs
+one notebook and is shut down. PyTorch's DataLoader workers and gunicorn's `--preload` start
+their processes the same way.
+
+Written here because neither jupyter_client nor papermill forks kernels; jupyter_client's hook
+for how a kernel process starts is the kernel provisioner, so this is a provisioner whose launch
+asks the zygote to fork, with a Popen-like handle for the rest of jupyter_client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning import LocalProvisioner
+
+LAUNCHER = "ipykernel_launcher"
+
+
+# --- in the zygote ----------------------------------------------------------------------------
+
+
+def serve() -> None:
+    """The zygote: import once, then fork a kernel for every request read from stdin.
+
+    Requests are JSON lines (`args`, `cwd`, `env`); each reply is the kernel's pid. The zygote
+    exits when stdin closes, i.e. when the process that started it closes its pool or dies.
+    """
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # what a kernel prints before ipykernel captures it goes to stderr, not the replies
+    if sys.path and Path(sys.path[0] or ".").resolve() == Path.cwd():
+        del sys.path[0]  # as ipykernel_launcher does: a kernel's path gets its own cwd back from IPython
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # exited kernels are reaped by the system: no zombies
+    from pipelines.kernel_pool import warm_up
+
+    warm_up()
+    import ipykernel.kernelapp  # noqa: F401 - the kernel's own start-up modules, also shared
+
+    replies.write("ready\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            replies.close()
+            _become_kernel(request)
+        replies.write(f"{pid}\n")
+
+
+def _become_kernel(request: dict[str, Any]) -> None:
+    """In the forked child: the process a kernel launch would have started, then the kernel. Never returns."""
+    code = 1
+    try:
+        os.setsid()  # its own process group, as jupyter_client starts kernels: signals reach its children
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the zygote's request pipe is not the kernel's stdin
+        os.close(null)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        threads = request["env"].get("OMP_NUM_THREADS", "")
+        if threads.isdigit() and int(threads) > 0:
+            # OpenMP read the variable when torch loaded, in the zygote: set this kernel's share.
+            import torch
+
+            torch.set_num_threads(int(threads))
+        args = list(request["args"])
+        parent = request["env"].get("JPY_PARENT_PID", "")
+        if parent.isdigit():
+            # ipykernel read JPY_PARENT_PID when the zygote imported it; a kernel whose parent is
+            # not that pid exits once it is orphaned (the zygote exits with the pool).
+            args.append(f"--IPKernelApp.parent_handle={parent}")
+        sys.argv = [LAUNCHER, *args]
+        from ipykernel import kernelapp
+
+        kernelapp.launch_new_instance(argv=args)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - whatever it was, the child must never return to the zygote's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+# --- in the process that starts kernels -------------------------------------------------------
+
+
+class Zygote:
+    """A started zygote process; `fork()` returns a new kernel's pid. Thread-safe."""
+
+    def __init__(self, env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.kernel_fork"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.ready = self._read(timeout) == "ready"
+
+    def _read(self, timeout: float) -> str:
+        assert self.process.stdout is not None
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        return line[0].strip() if line else ""
+
+    def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
+        """A kernel forked with these launcher arguments, cwd and environment; None if the zygote is gone."""
+        with self._lock:
+            if not self.ready or self.process.poll() is not None:
+                return None
+            assert self.process.stdin is not None
+            try:
+                self.process.stdin.write(json.dumps({"args": args, "cwd": cwd, "env": env}) + "\n")
+                self.process.stdin.flush()
+            except OSError:
+                return None
+            reply = self._read(30)
+        return int(reply) if reply.isdigit() else None
+
+    def close(self) -> None:
+        """Stop forking; kernels already forked live on until they are shut down."""
+        with self._lock:
+            self.ready = False
+            with contextlib.suppress(OSError):
+                if self.process.stdin:
+                    self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            if self.process.stdout:
+                self.process.stdout.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+class ForkedProcess:
+    """The Popen-like handle jupyter_client keeps for a kernel, for a process this one did not start.
+
+    The zygote is its parent (and reaps it), so there is no exit status to read: an exited
+    kernel reports -1.
+    """
+
+    stdin = stdout = stderr = None
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not _running(self.pid):
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            time.sleep(0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class ForkProvisioner(LocalProvisioner):
+    """LocalProvisioner, except that the kernel process is a fork of `zygote` where it can be.
+
+    Any kernel command other than `<this python> ... -m ipykernel_launcher ...`, or a zygote that
+    is gone, starts the kernel as LocalProvisioner does.
+    """
+
+    zygote: Zygote | None = None
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        args = _launcher_args(cmd)
+        pid = None
+        if args is not None and self.zygote is not None:
+            cwd = str(kwargs.get("cwd") or Path.cwd())
+            pid = self.zygote.fork(args, cwd, dict(kwargs.get("env") or os.environ))
+        if pid is None:
+            return await super().launch_kernel(cmd, **kwargs)
+        self.process = ForkedProcess(pid)
+        # The child makes itself a process-group leader; until it has, killpg(pid) finds no group
+        # and LocalProvisioner falls back to signalling the process alone.
+        self.pid = self.pgid = pid
+        self.cwd = kwargs.get("cwd", Path.cwd())
+        return self.connection_info
+
+
+def _launcher_args(cmd: list[str]) -> list[str] | None:
+    """The arguments after `-m ipykernel_launcher` when `cmd` runs it with this Python, else None."""
+    if len(cmd) < 3 or Path(cmd[0]).resolve() != Path(sys.executable).resolve():
+        return None
+    for i in range(1, len(cmd) - 1):
+        if cmd[i] == "-m" and cmd[i + 1] == LAUNCHER:
+            return cmd[i + 2 :]
+    return None
+
+
+if __name__ == "__main__":
+    serve()
