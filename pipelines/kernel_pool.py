@@ -64,17 +64,18 @@ def fork_enabled() -> bool:
     return raw in ("1", "true", "yes", "")
 
 
-def trial_threads() -> int:
+def trial_threads(reserve: bool = True) -> int:
     """Threads a trial's kernel gets when a pool is on: its worker's share, less one core for warming.
 
     Warming next to a trial that uses every core stalls the trial's OpenMP threads (measured on
     2 cores: a 1.5 s fit took 8-15 s, even with the warming kernel at idle priority). With one
     core left to warming the same fit took 1.6 s: small models gain nothing from a second thread.
+    A forked kernel does no import work while it warms (`reserve=False`): the trial gets its share.
     The share is `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core.
     """
     share = os.environ.get("OMP_NUM_THREADS", "").strip()
     cores = int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, cores - 1 if reserve else cores)
 
 
 def _set_policy(pid: int | None, policy: int) -> bool:
@@ -174,10 +175,10 @@ class KernelPool:
         self._ready: deque[tuple[Future[KernelManager], _Warming]] = deque()
         self._lock = threading.Lock()
         self.idle_priority = hasattr(os, "SCHED_IDLE")
-        self.threads = trial_threads()
+        self.fork = fork_enabled()
+        self.threads = trial_threads(reserve=not self.fork)
         self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
         self.started = 0  # kernels the pool has started (handed out, warming or wasted)
-        self.fork = fork_enabled()
         self._zygote: Zygote | None = None
         self._zygote_lock = threading.Lock()
         for _ in range(size if expected is None else min(size, expected)):

@@ -37,6 +37,7 @@ from pipelines.run import RunResult, run_notebook
 from pipelines.spec_io import PROJECT_ROOT, SpecError
 
 if TYPE_CHECKING:
+    from pipelines.kernel_pool import KernelPool
     from pipelines.spec import Spec
 
 KIND = f"{tracking.TAG_PREFIX}kind"
@@ -95,9 +96,13 @@ def recorded_outputs(mlflow: MlflowClient, run_id: str, prefix: str = OUTPUTS_TA
 class _Runner:
     """Executes one pipeline run's steps; one method per step kind."""
 
-    def __init__(self, pipeline: PipelineSpec, path: Path, parent: str, console: Console | None) -> None:
+    def __init__(
+        self, pipeline: PipelineSpec, path: Path, parent: str, console: Console | None, notebooks: int = 0
+    ) -> None:
         self.pipeline, self.path, self.parent, self.console = pipeline, path, parent, console
         self.mlflow = tracking.client()
+        self.notebooks = notebooks  # how many steps run a notebook here (tune steps run their own)
+        self._pool: KernelPool | None = None
         self.tags = {
             PIPELINE_TAG: pipeline.name,
             f"{tracking.TAG_PREFIX}pipeline_run": parent,
@@ -115,6 +120,19 @@ class _Runner:
         # Steps log into the pipeline's experiment, so the UI nests them under the pipeline run.
         return spec.model_copy(update={"experiment": self.pipeline.experiment_name}), path
 
+    def kernels(self) -> KernelPool:
+        """One warm pool for the steps' notebooks, opened at the first: each later step's kernel is
+        forked and ready while the step before it runs."""
+        if self._pool is None:
+            from pipelines import notebook
+
+            self._pool = notebook.warm_kernels(tracking_uri=tracking.tracking_uri(), expected=self.notebooks)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
     def _notebook(self, notebook: Path, step: Step, params: dict[str, Any]) -> RunResult:
         result = run_notebook(
             notebook,
@@ -124,6 +142,7 @@ class _Runner:
             parent_run_id=self.parent,
             tags={**self.tags, STEP_TAG: step.name},
             progress_bar=False,
+            kernels=self.kernels(),
         )
         if result.error:
             raise StepFailed(f"{result.error} (run {result.run_id})")
@@ -135,7 +154,12 @@ class _Runner:
 
         spec, path = self._spec(step, outputs)
         result = run_training(
-            spec, path, parent_run_id=self.parent, run_name=step.name, extra_tags={**self.tags, STEP_TAG: step.name}
+            spec,
+            path,
+            parent_run_id=self.parent,
+            run_name=step.name,
+            extra_tags={**self.tags, STEP_TAG: step.name},
+            kernels=self.kernels(),
         )
         if result.error:
             raise StepFailed(f"{result.error} (run {result.run_id})")
@@ -280,9 +304,17 @@ def run_pipeline(
     else:
         start, outputs = 0, {}
         parent = _open_parent(mlflow, pipeline, path, trigger, schedule_id)
-    runner = _Runner(pipeline, path, parent, console)
-    result = PipelineResult(parent, "RUNNING", outputs)
+    runner = _Runner(pipeline, path, parent, console, notebooks=sum(s.kind != "tune" for s in steps[start:]))
     runner.say(f"pipeline {pipeline.name!r}: MLflow run {parent} ({trigger})")
+    try:
+        return _run_steps(runner, steps, start, outputs)
+    finally:
+        runner.close()
+
+
+def _run_steps(runner: _Runner, steps: list[Step], start: int, outputs: dict[str, dict[str, Any]]) -> PipelineResult:
+    mlflow, parent = runner.mlflow, runner.parent
+    result = PipelineResult(parent, "RUNNING", outputs)
     for i, step in enumerate(steps[start:], start=start + 1):
         runner.say(f"[bold]step {i}/{len(steps)}: {step.name} ({step.kind})[/bold]")
         try:
