@@ -32,6 +32,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
 LAUNCHER = "ipykernel_launcher"
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 # --- in the zygote ----------------------------------------------------------------------------
@@ -75,6 +76,13 @@ def _become_kernel(request: dict[str, Any]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if "matplotlib" in sys.modules:
+            # matplotlib read MPLBACKEND when the zygote imported it, before ipykernel sets it to
+            # the inline backend (kernelapp does, unless set): choose it as a cold kernel would.
+            # The backend loads at the notebook's first figure, once the shell exists.
+            import matplotlib
+
+            matplotlib.rcParams["backend"] = request["env"].get("MPLBACKEND") or INLINE_BACKEND
         threads = request["env"].get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             # OpenMP read the variable when torch loaded, in the zygote: set this kernel's share.

@@ -20,7 +20,7 @@ def _probe_notebook(path: Path) -> Path:
     probe = nbformat.v4.new_code_cell(
         "import os, sys\n"
         "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules,"
-        " os.getppid(), os.getpgid(0), os.getcwd())\n"
+        " os.getppid(), os.getpgid(0), os.getcwd(), __import__('matplotlib').rcParams['backend'])\n"
         "secret = trial"
     )
     nb.cells = [parameters, probe]
@@ -52,11 +52,12 @@ def test_every_trial_gets_a_fresh_warm_kernel_and_no_globals_leak(
         for trial in range(3):
             executed = notebook.execute(probe, tmp_path / f"trial{trial}", {"trial": trial}, False, False, pool)
             assert executed.ok, executed.error
-            said, pid, warmed, parent, group, cwd = _said(executed)
+            said, pid, warmed, parent, group, cwd, backend = _said(executed)
             assert said == "clean"  # `secret`, set by the previous trial, is undefined here
             assert warmed == "True"  # the heavy imports were done before the notebook started
             assert group == pid  # its own process group, so a signal reaches what it starts
             assert Path(cwd) == Path.cwd()
+            assert backend == "module://matplotlib_inline.backend_inline"  # figures show in the notebook
             seen.append(int(pid))
             parents.add(int(parent))
         handed_out = list(pool.handed_out)
