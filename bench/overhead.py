@@ -143,10 +143,10 @@ def r1(repeats: int, epochs: int) -> dict[str, Any]:
     found: dict[str, Any] = {}
     # The same number of steps at both batch sizes (E × 8 epochs at 512): at E epochs a batch-512
     # fit is ~0.2 s, too short for its slope to rise above the machine's noise.
-    for batch, epochs in ((64, epochs), (512, 8 * epochs)):
+    for batch, base in ((64, epochs), (512, 8 * epochs)):
         times: dict[str, list[float]] = {f"{v}_{e}": [] for v in ("raw", "full") for e in ("E", "4E")}
         for r in range(repeats):
-            for label, n in (("E", epochs), ("4E", 4 * epochs)):
+            for label, n in (("E", base), ("4E", 4 * base)):
                 p = params(batch_size=batch, max_epochs=n)
                 times[f"raw_{label}"].append(raw_fit(p))
                 times[f"full_{label}"].append(full_stack_fit(p))

@@ -120,10 +120,11 @@ class _Runner:
         # Steps log into the pipeline's experiment, so the UI nests them under the pipeline run.
         return spec.model_copy(update={"experiment": self.pipeline.experiment_name}), path
 
-    def kernels(self) -> KernelPool:
+    def kernels(self) -> KernelPool | None:
         """One warm pool for the steps' notebooks, opened at the first: each later step's kernel is
-        forked and ready while the step before it runs."""
-        if self._pool is None:
+        forked and ready while the step before it runs. None for a single notebook: the pool's
+        one-time imports (torch, Lightning, ...) pay back only from the second kernel on."""
+        if self._pool is None and self.notebooks >= 2:
             from pipelines import notebook
 
             self._pool = notebook.warm_kernels(tracking_uri=tracking.tracking_uri(), expected=self.notebooks)

@@ -225,7 +225,8 @@ def _open_fds() -> list[str]:
 
 
 def _kernels_under(root: int) -> list[int]:
-    """The ipykernel processes descending from `root`, read from /proc."""
+    """The kernel processes descending from `root`, read from /proc: ipykernels, and forked kernels
+    and their zygote (which carry the zygote's command line)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError):
@@ -241,7 +242,8 @@ def _kernels_under(root: int) -> list[int]:
     found = []
     for pid in filter(descends, parents):
         with contextlib.suppress(OSError):
-            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"ipykernel" in cmdline or b"pipelines.kernel_fork" in cmdline:
                 found.append(pid)
     return found
 
@@ -265,8 +267,9 @@ def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections
 
     run_notebook(path, {"n": -1}, "leaks", progress_bar=False)  # first-use caches, before counting
     fds = len(_open_fds())
-    with notebook.warm_kernels(0) as kernels:
+    with notebook.warm_kernels(1) as kernels:  # as studies run them: forked from the pool's zygote
         results = [run_notebook(path, {"n": n}, "leaks", progress_bar=False, kernels=kernels) for n in range(50)]
+        assert len(set(kernels.handed_out)) == 50
     assert [r.status for r in results] == ["FINISHED"] * 50
     assert _kernels_under(os.getpid()) == []
     assert list(runtime.glob("kernel-*.json")) == []  # every connection file removed
