@@ -145,6 +145,24 @@ def _pid(km: KernelManager) -> int | None:
     return getattr(km.provisioner, "pid", None)
 
 
+class _PoolKernelManager(KernelManager):
+    """A KernelManager that remembers the clients it made, so the pool can close them.
+
+    nbclient closes its client's channels only when it started the kernel itself; given a
+    manager (`km=`), it leaves them open, and each client's own zmq context kept ~10 file
+    descriptors (sockets, eventfds) per notebook: a long study would run out of descriptors.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.clients: list = []
+
+    def client(self, **kwargs: object):  # noqa: ANN201 - jupyter_client's own return type
+        made = super().client(**kwargs)
+        self.clients.append(made)
+        return made
+
+
 @dataclass
 class _Warming:
     pid: int | None = None
@@ -191,7 +209,7 @@ class KernelPool:
 
     def _start(self, warming: _Warming) -> KernelManager:
         """A kernel started and warmed at idle priority, handed back when its imports are done."""
-        km = KernelManager(kernel_name=self.kernel_name)
+        km = _PoolKernelManager(kernel_name=self.kernel_name)
         # nbclient drives the kernel with asyncio; the manager itself only starts and stops it.
         km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
         threads = str(self.threads)
@@ -280,6 +298,8 @@ class KernelPool:
             km.shutdown_kernel(now=True)
         finally:
             km.cleanup_resources()
+            for client in getattr(km, "clients", ()):
+                client.stop_channels()  # closes its sockets and its own zmq context
 
     def close(self) -> None:
         """Shut down every kernel still warming or waiting; the pool hands out nothing after."""

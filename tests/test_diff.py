@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipelines import notebook
 from pipelines.diff import diff
 from pipelines.run import run_training
 from pipelines.spec import PROJECT_ROOT, load_spec
@@ -10,8 +11,9 @@ from tests.conftest import labbook
 
 def test_diff_names_the_parameter_and_the_notebook_cells_whose_outputs_differ(store: str) -> None:
     spec = load_spec(PROJECT_ROOT / "pipelines" / "regression_mlp.yaml", {"max_epochs": 2})
-    a = run_training(spec.with_overrides({"lr": 0.01}), progress_bar=False)
-    b = run_training(spec.with_overrides({"lr": 0.003}), progress_bar=False)
+    with notebook.warm_kernels(1, expected=2) as kernels:
+        a = run_training(spec.with_overrides({"lr": 0.01}), progress_bar=False, kernels=kernels)
+        b = run_training(spec.with_overrides({"lr": 0.003}), progress_bar=False, kernels=kernels)
     assert a.error is None and b.error is None
 
     found = diff(a.run_id, b.run_id)

@@ -305,9 +305,8 @@ def test_5_four_workers_on_the_embedded_store_finish_exactly_20_trials_each_run_
 ) -> None:
     raw = _tiny_study(tmp_path, notebook=str(metric_only_notebook(tmp_path)))
     spec = _spec(tmp_path, raw)
-    # No warm kernels: they would import torch and Lightning for a notebook that needs neither.
-    env = {"LABBOOK_WARM_KERNELS": "0"}
-    done = labbook("tune", str(spec), "--n-trials", "20", "--workers", "4", "--no-report", "--no-register", env=env)
+    # Each worker's kernels are forked from its pool's zygote (one import of torch & co. per worker).
+    done = labbook("tune", str(spec), "--n-trials", "20", "--workers", "4", "--no-report", "--no-register")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "database is locked" not in done.stderr
     trials = _trials(store, tmp_path)
