@@ -64,18 +64,20 @@ def fork_enabled() -> bool:
     return raw in ("1", "true", "yes", "")
 
 
-def trial_threads(reserve: bool = True) -> int:
-    """Threads a trial's kernel gets when a pool is on: its worker's share, less one core for warming.
+def trial_threads() -> int:
+    """Threads a trial's kernel gets when a pool is on: its worker's share, less one core.
 
     Warming next to a trial that uses every core stalls the trial's OpenMP threads (measured on
     2 cores: a 1.5 s fit took 8-15 s, even with the warming kernel at idle priority). With one
     core left to warming the same fit took 1.6 s: small models gain nothing from a second thread.
-    A forked kernel does no import work while it warms (`reserve=False`): the trial gets its share.
+    Forked kernels import nothing while they warm, but the core still serves the worker itself
+    (papermill, the next fork, MLflow): giving the trial both cores made a 1-worker study of the
+    bench trial 2x slower per trial than 1 thread (`make bench`, R3: 20 s vs ~10 s).
     The share is `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core.
     """
     share = os.environ.get("OMP_NUM_THREADS", "").strip()
     cores = int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
-    return max(1, cores - 1 if reserve else cores)
+    return max(1, cores - 1)
 
 
 def _set_policy(pid: int | None, policy: int) -> bool:
@@ -194,7 +196,7 @@ class KernelPool:
         self._lock = threading.Lock()
         self.idle_priority = hasattr(os, "SCHED_IDLE")
         self.fork = fork_enabled()
-        self.threads = trial_threads(reserve=not self.fork)
+        self.threads = trial_threads()
         self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
         self.started = 0  # kernels the pool has started (handed out, warming or wasted)
         self._zygote: Zygote | None = None
