@@ -71,8 +71,8 @@ def trial_threads() -> int:
     2 cores: a 1.5 s fit took 8-15 s, even with the warming kernel at idle priority). With one
     core left to warming the same fit took 1.6 s: small models gain nothing from a second thread.
     Forked kernels import nothing while they warm, but the core still serves the worker itself
-    (papermill, the next fork, MLflow): giving the trial both cores made a 1-worker study of the
-    bench trial 2x slower per trial than 1 thread (`make bench`, R3: 20 s vs ~10 s).
+    (papermill, the next fork, MLflow); a 1-worker study of the bench trial took the same time
+    with 1 or 2 trial threads (`make bench`, R3: 199 s vs 202 s for 10 trials), so the rule stays.
     The share is `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core.
     """
     share = os.environ.get("OMP_NUM_THREADS", "").strip()
