@@ -28,6 +28,7 @@ HEARTBEAT_SECONDS = 10  # a worker silent for 3 intervals is dead: its trial is 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"
+OVER_BUDGET_ATTR = "over_budget"  # created after other workers' trials had taken the whole budget: never run
 
 
 def storage_url(explicit: str | None = None) -> str:
@@ -149,27 +150,46 @@ def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def budget_used(trials: list[FrozenTrial]) -> int:
+def budget_used(trials: list[FrozenTrial], before: int | None = None) -> int:
     """Trials that count against `n_trials`: finished, running, or failed by their own doing.
 
     A trial failed by a dead worker's missing heartbeat is retried as a new trial, and one cut
-    short by Ctrl-C/SIGTERM is run again on resume: neither should cost the user a trial.
+    short by Ctrl-C/SIGTERM is run again on resume: neither should cost the user a trial. Nor
+    does one that was never run because the budget was gone. `before`: count only the trials
+    numbered below it.
     """
     retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
     def counts_against(t: FrozenTrial) -> bool:
+        if before is not None and t.number >= before:
+            return False
         if t.state in counted:
             return True
-        return t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get(INTERRUPTED_ATTR)
+        return t.state == TrialState.FAIL and t.number not in retried and not _not_run(t)
 
     return sum(1 for t in trials if counts_against(t))
+
+
+def over_budget(trials: list[FrozenTrial], number: int, n_trials: int) -> bool:
+    """Whether trial `number` is one too many: the trials numbered before it use the whole budget.
+
+    A worker checks the budget before asking Optuna for its next trial, but two workers can pass
+    that check at once and both create one (Optuna's MaxTrialsCallback has the same race; four
+    workers on one SQLite store ran 21 trials of 20). The storage numbers trials in the order it
+    creates them, so the lower number runs and the other is dropped unrun.
+    """
+    return budget_used(trials, before=number) >= n_trials
+
+
+def _not_run(t: FrozenTrial) -> bool:
+    return bool(t.user_attrs.get(INTERRUPTED_ATTR) or t.user_attrs.get(OVER_BUDGET_ATTR))
 
 
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     """How many trials are in each state, by Optuna's state names."""
     found = {state.name: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     for t in trials:
-        if t.state.name in found:
+        if t.state.name in found and not t.user_attrs.get(OVER_BUDGET_ATTR):
             found[t.state.name] += 1
     return found

@@ -218,9 +218,12 @@ class _Worker:
 
     def objective(self, trial: optuna.Trial) -> float:
         tune = self.handle.tune
+        trials = trial.study.get_trials(deepcopy=False)
+        if self.handle.n_trials is not None and studies.over_budget(trials, trial.number, self.handle.n_trials):
+            trial.set_user_attr(studies.OVER_BUDGET_ATTR, True)  # after_trial then stops this worker
+            raise TrialFailed(f"not run: trials before it use the study's budget of {self.handle.n_trials}")
         values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
         spec = self.handle.spec.with_overrides(values)
-        trials = trial.study.get_trials(deepcopy=False)
         frozen = next(t for t in trials if t.number == trial.number)
         if self.console:
             total = self.handle.n_trials or "?"

@@ -219,6 +219,32 @@ def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_pa
     assert sorted(int(c.data.tags["labbook.trial_number"]) for c in children) == [0, 1, 2, 3]
 
 
+def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(store: str, optuna_url: str) -> None:
+    """Two workers can pass the budget check together and both ask Optuna for a trial (seen: 21
+    of 20 with four workers): the one numbered past the budget runs nothing and costs nothing."""
+    from optuna.trial import TrialState
+
+    from pipelines import study as studies
+    from pipelines.tune import TrialFailed, _Worker, create, open_study, progress_line
+
+    handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
+    study, parent = create(handle)
+    first, second, late = study.ask(), study.ask(), study.ask()  # three workers passed the check at once
+    worker = _Worker(handle, parent, console=None)
+    with pytest.raises(TrialFailed, match="not run: trials before it use the study's budget of 2"):
+        worker.objective(late)
+    study.tell(late, state=TrialState.FAIL)  # what study.optimize does with TrialFailed
+    frozen = study.trials[late.number]
+    assert frozen.user_attrs[studies.OVER_BUDGET_ATTR] is True and not frozen.params  # nothing sampled, no run
+    assert studies.RUN_ID_ATTR not in frozen.user_attrs
+    assert studies.budget_used(study.trials) == 2  # the two earlier trials, still running, are the budget
+    assert progress_line(study, handle).startswith("trial 0/2 · 0 complete, 0 pruned, 0 failed, 2 running")
+    # Once the first fails by its own doing, still no room: failed trials count, unrun ones do not.
+    study.tell(first, state=TrialState.FAIL)
+    assert studies.over_budget(study.trials, late.number, 2) and not studies.over_budget(study.trials, 1, 2)
+    assert second.number == 1
+
+
 BAD_SPACES = [
     ({"lr": {"type": "float", "low": 0.1, "high": 0.01}}, "tune.space.lr: empty range: low (0.1) must be below high"),
     ({"lr": {"type": "float", "low": 0.1, "high": 0.1}}, "tune.space.lr: empty range"),

@@ -311,6 +311,10 @@ def test_5_four_workers_on_the_embedded_store_finish_exactly_20_trials_each_run_
     assert "database is locked" not in done.stderr
     trials = _trials(store, tmp_path)
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # no duplicate trial numbers
+    # Two workers may both create a last trial; the one past the budget is dropped before it runs.
+    unrun = [t for t in trials if t.user_attrs.get("over_budget")]
+    assert all(t.state.name == "FAIL" and "mlflow_run_id" not in t.user_attrs for t in unrun)
+    trials = [t for t in trials if t not in unrun]
     assert [t.state.name for t in trials].count("COMPLETE") == 20 and len(trials) == 20
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name(raw["experiment"]).experiment_id
