@@ -17,10 +17,14 @@ asks the zygote to fork, with a Popen-like handle for the rest of jupyter_client
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,11 +42,14 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # --- in the zygote ----------------------------------------------------------------------------
 
 
-def serve() -> None:
-    """The zygote: import once, then fork a kernel for every request read from stdin.
+def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int | None = None) -> None:
+    """The zygote: import once, then fork a kernel for every request.
 
-    Requests are JSON lines (`args`, `cwd`, `env`); each reply is the kernel's pid. The zygote
-    exits when stdin closes, i.e. when the process that started it closes its pool or dies.
+    Requests are JSON lines (`args`, `cwd`, `env`); each reply is the kernel's pid. A pool's
+    zygote reads them from stdin and exits when stdin closes, i.e. when the process that started
+    it closes its pool or dies. A kernel server (`listen`, `labbook kernel-server`) takes them on
+    a Unix socket instead, one per connection, from any labbook process of this user on this
+    machine; it exits when `parent` does, on SIGTERM/Ctrl-C, or when its own code was edited.
     """
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what a kernel prints before ipykernel captures it goes to stderr, not the replies
@@ -52,16 +59,109 @@ def serve() -> None:
     from pipelines.kernel_pool import warm_up
 
     warm_up()
+    for name in preload:
+        importlib.import_module(name)
     import ipykernel.kernelapp  # noqa: F401 - the kernel's own start-up modules, also shared
 
+    sources = _own_sources()
+    events = selectors.DefaultSelector()
+    server = None
+    if not listen:
+        events.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # and remove the socket on the way out
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen)
+        old_mask = os.umask(0o177)  # the socket is this user's alone: a request runs code as them
+        try:
+            server.bind(listen)
+        finally:
+            os.umask(old_mask)
+        server.listen(16)
+        events.register(server, selectors.EVENT_READ, "socket")
     replies.write("ready\n")
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            replies.close()
-            _become_kernel(request)
-        replies.write(f"{pid}\n")
+    try:
+        while True:
+            for key, _ in events.select(timeout=1.0):
+                if key.data == "stdin":
+                    line = sys.stdin.readline()
+                    if not line:
+                        return  # stdin closed: the pool (or the server's starter) is gone
+                    pid = _fork(json.loads(line), [replies, server])
+                    replies.write(f"{pid}\n")
+                else:
+                    assert server is not None
+                    if not _answer(server, sources, replies):
+                        return
+            if parent is not None and not _running(parent):
+                return
+    finally:
+        if server is not None:
+            server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(listen or "")
+
+
+def _own_sources() -> dict[str, int]:
+    """Source files of the imported modules that live outside the Python installation (this
+    project's `lightning_modules/` and `pipelines/`, preloaded modules), with their mtimes."""
+    installed = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    found: dict[str, int] = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.endswith(".py") and not str(Path(path).resolve()).startswith(installed):
+            with contextlib.suppress(OSError):
+                found[path] = os.stat(path).st_mtime_ns
+    return found
+
+
+def _stale(sources: dict[str, int]) -> str | None:
+    """The first imported source file edited since the server imported it, if any."""
+    for path, mtime in sources.items():
+        try:
+            if os.stat(path).st_mtime_ns != mtime:
+                return path
+        except OSError:
+            return path
+    return None
+
+
+def _answer(server: socket.socket, sources: dict[str, int], replies) -> bool:
+    """Fork a kernel for one socket request; False when the server must stop (its code changed)."""
+    connection, _ = server.accept()
+    with connection:
+        connection.settimeout(10)
+        try:
+            with connection.makefile("r") as stream:
+                request = json.loads(stream.readline())
+        except (OSError, ValueError):
+            return True
+        if request.get("python") != sys.executable:
+            connection.sendall(f"refused: this server runs {sys.executable}\n".encode())
+            return True
+        edited = _stale(sources)
+        if edited is not None:
+            # Its kernels would run the code as it was when the server started: refuse, and stop,
+            # so that every later command starts its kernels cold until the server is restarted.
+            print(f"labbook kernel server: {edited} changed since it was imported; stopping", file=sys.stderr)
+            connection.sendall(f"stale: {edited}\n".encode())
+            return False
+        pid = _fork(request, [replies, server, connection])
+        connection.sendall(f"{pid}\n".encode())
+    return True
+
+
+def _fork(request: dict[str, Any], close: list) -> int:
+    """A kernel forked for `request`; in the child, the zygote's own files are closed first."""
+    pid = os.fork()
+    if pid == 0:
+        for item in close:
+            if item is not None:
+                with contextlib.suppress(OSError):
+                    item.close()
+        _become_kernel(request)
+    return pid
 
 
 def _become_kernel(request: dict[str, Any]) -> None:
@@ -69,6 +169,7 @@ def _become_kernel(request: dict[str, Any]) -> None:
     code = 1
     try:
         os.setsid()  # its own process group, as jupyter_client starts kernels: signals reach its children
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a kernel server's own handler is not the kernel's
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the zygote's request pipe is not the kernel's stdin
@@ -76,6 +177,11 @@ def _become_kernel(request: dict[str, Any]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        watched = request["env"].get("JPY_PARENT_PID", "")
+        if watched.isdigit():
+            # The process that asked for this kernel may not be its parent (a kernel server's
+            # kernels are the server's children): exit when it is gone, as a cold kernel does.
+            threading.Thread(target=_exit_without, args=(int(watched),), daemon=True).start()
         if "matplotlib" in sys.modules:
             # matplotlib read MPLBACKEND when the zygote imported it, before ipykernel sets it to
             # the inline backend (kernelapp does, unless set): choose it as a cold kernel would.
@@ -108,6 +214,12 @@ def _become_kernel(request: dict[str, Any]) -> None:
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _exit_without(pid: int) -> None:
+    while _running(pid):
+        time.sleep(1.0)
+    os._exit(1)
 
 
 # --- in the process that starts kernels -------------------------------------------------------
@@ -229,7 +341,9 @@ class ForkProvisioner(LocalProvisioner):
         pid = None
         if args is not None and self.zygote is not None:
             cwd = str(kwargs.get("cwd") or Path.cwd())
-            pid = self.zygote.fork(args, cwd, dict(kwargs.get("env") or os.environ))
+            # What jupyter_client's launcher sets: the kernel exits when this process is gone.
+            env = {**(kwargs.get("env") or os.environ), "JPY_PARENT_PID": str(os.getpid())}
+            pid = self.zygote.fork(args, cwd, env)
         if pid is None:
             return await super().launch_kernel(cmd, **kwargs)
         self.process = ForkedProcess(pid)
@@ -250,5 +364,40 @@ def _launcher_args(cmd: list[str]) -> list[str] | None:
     return None
 
 
+class RemoteZygote:
+    """A kernel server's zygote, reached on its Unix socket (`LABBOOK_KERNEL_SERVER`)."""
+
+    ready = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
+        """A kernel forked by the server; None when it is gone, refuses or is stale (start one cold)."""
+        request = {"args": args, "cwd": cwd, "env": env, "python": sys.executable}
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.settimeout(30)
+                connection.connect(self.path)
+                connection.sendall((json.dumps(request) + "\n").encode())
+                with connection.makefile("r") as stream:
+                    reply = stream.readline().strip()
+        except (OSError, ValueError):
+            return None
+        return int(reply) if reply.isdigit() else None
+
+    def close(self) -> None:
+        """The server outlives this process's pools."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.kernel_fork")
+    parser.add_argument("--listen", help="also take requests on this Unix socket (a kernel server)")
+    parser.add_argument("--preload", action="append", default=[], help="a module to import once, too")
+    parser.add_argument("--parent", type=int, help="exit when this process does")
+    options = parser.parse_args(argv)
+    serve(options.listen, tuple(options.preload), options.parent)
+
+
 if __name__ == "__main__":
-    serve()
+    main()

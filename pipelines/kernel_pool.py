@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jupyter_client import KernelManager
 
-from pipelines.kernel_fork import ForkedProcess, ForkProvisioner, Zygote
+from pipelines.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
 
 # What every training notebook imports first; imported in the warm kernel before it is handed out.
 WARM_MODULES = (
@@ -45,6 +45,7 @@ WARM_MODULES = (
 )
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
 ENV_FORK = "LABBOOK_FORK_KERNELS"
+ENV_SERVER = "LABBOOK_KERNEL_SERVER"
 
 
 def default_size() -> int:
@@ -64,6 +65,14 @@ def fork_enabled() -> bool:
     return raw in ("1", "true", "yes", "")
 
 
+def kernel_server() -> RemoteZygote | None:
+    """The kernel server named by `LABBOOK_KERNEL_SERVER` (a Unix socket), when forking is on."""
+    path = os.environ.get(ENV_SERVER, "").strip()
+    if not path or not fork_enabled() or not Path(path).is_socket():
+        return None
+    return RemoteZygote(path)
+
+
 def trial_threads() -> int:
     """Threads a trial's kernel gets when a pool is on: its worker's share, less one core.
 
@@ -73,11 +82,14 @@ def trial_threads() -> int:
     Forked kernels import nothing while they warm, but the core still serves the worker itself
     (papermill, the next fork, MLflow); a 1-worker study of the bench trial took the same time
     with 1 or 2 trial threads (`make bench`, R3: 199 s vs 202 s for 10 trials), so the rule stays.
-    The share is `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core.
     """
+    return max(1, default_threads() - 1)
+
+
+def default_threads() -> int:
+    """This process's thread share: `OMP_NUM_THREADS` (set per worker by `labbook tune --workers`) or every core."""
     share = os.environ.get("OMP_NUM_THREADS", "").strip()
-    cores = int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return int(share) if share.isdigit() and int(share) > 0 else (os.cpu_count() or 1)
 
 
 def _set_policy(pid: int | None, policy: int) -> bool:
@@ -182,6 +194,7 @@ class KernelPool:
         cwd: Path | None = None,
         tracking_uri: str | None = None,
         expected: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.size = size
         # How many more notebooks will ask for a kernel (None: unknown). The pool never warms
@@ -196,7 +209,7 @@ class KernelPool:
         self._lock = threading.Lock()
         self.idle_priority = hasattr(os, "SCHED_IDLE")
         self.fork = fork_enabled()
-        self.threads = trial_threads()
+        self.threads = threads or trial_threads()
         self.handed_out: list[int | None] = []  # kernel process ids, in order: none may repeat
         self.started = 0  # kernels the pool has started (handed out, warming or wasted)
         self._zygote: Zygote | None = None
@@ -245,9 +258,13 @@ class KernelPool:
         return km
 
     def _zygote_started(self) -> Zygote | None:
-        """The pool's zygote, started on first use (its imports are the first kernel's warming)."""
+        """The kernel server, else the pool's zygote, started on first use (its imports are the
+        first kernel's warming)."""
         if not self.fork:
             return None
+        server = kernel_server()
+        if server is not None:
+            return server
         with self._zygote_lock:
             if self._zygote is None and self.size > 0:
                 self._zygote = Zygote()

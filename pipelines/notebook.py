@@ -99,6 +99,13 @@ def execute(
     With `kernels`, the notebook runs in a fresh kernel the pool started (and warmed) earlier;
     that kernel is shut down after this one notebook, whatever happened in it.
     """
+    if kernels is None and _kernel_server_on():
+        # One notebook: its kernel is forked by the kernel server, with every core of its share
+        # (nothing warms beside it), and shut down after it like any pool's kernel.
+        from pipelines.kernel_pool import KernelPool, default_threads
+
+        with KernelPool(1, ensure_kernel(), cwd=cwd, expected=1, threads=default_threads()) as one:
+            return execute(notebook, output_dir, parameters, cwd, progress_bar, kernels=one)
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb = output_dir / notebook.name
     error: str | None = None
@@ -132,6 +139,12 @@ def execute(
         except Exception as exc:  # a rendering problem must not hide the run's own outcome
             error = error or f"rendering the executed notebook failed: {_one_line(exc)}"
     return ExecutedNotebook(ipynb=ipynb, html=html, error=error, interrupted=interrupted)
+
+
+def _kernel_server_on() -> bool:
+    from pipelines.kernel_pool import kernel_server
+
+    return kernel_server() is not None
 
 
 def attach(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, artifact_path: str = "notebook") -> None:

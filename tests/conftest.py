@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # One compute thread per process, inherited by every CLI, worker and kernel a test starts: the
@@ -19,6 +22,38 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LABBOOK = Path(sys.executable).with_name("labbook")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_server() -> Iterator[str | None]:
+    """One kernel server per test process (`labbook kernel-server`), used by every command a test starts.
+
+    Each notebook still runs in a fresh kernel process of its own; only the ~8 s of CPU a cold
+    kernel spends importing torch, Lightning and MLflow is paid once per test process instead of
+    once per notebook (most of the suite's CPU). Until the server is ready, commands start their
+    kernels cold. The default path (no server) keeps its own tests: `no_kernel_server` below.
+    LABBOOK_TEST_KERNEL_SERVER=0 runs the whole suite without it.
+    """
+    if os.environ.get("LABBOOK_TEST_KERNEL_SERVER", "1") == "0":
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="labbook-kernels-")  # short: a Unix socket path has ~100 bytes
+    path = os.path.join(folder, "kernels.sock")
+    command = [sys.executable, "-m", "pipelines.kernel_fork", "--listen", path, "--parent", str(os.getpid())]
+    with open(os.path.join(folder, "server.log"), "w") as log:
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    os.environ["LABBOOK_KERNEL_SERVER"] = path
+    yield path
+    os.environ.pop("LABBOOK_KERNEL_SERVER", None)
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def no_kernel_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels as labbook starts them by default: cold, or forked by the pool's own zygote."""
+    monkeypatch.delenv("LABBOOK_KERNEL_SERVER", raising=False)
 
 
 @pytest.fixture

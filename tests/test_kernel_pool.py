@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -10,6 +15,10 @@ import pytest
 
 from pipelines import notebook
 from pipelines.kernel_pool import default_size
+from tests.conftest import LABBOOK
+
+# The pool's own kernels: its zygote's, or cold ones. The kernel server has its own test below.
+pytestmark = pytest.mark.usefixtures("no_kernel_server")
 
 
 def _probe_notebook(path: Path) -> Path:
@@ -113,3 +122,93 @@ def test_the_pool_size_is_read_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LABBOOK_WARM_KERNELS", "two")
     with pytest.raises(ValueError, match="LABBOOK_WARM_KERNELS='two': expected a whole number"):
         default_size()
+
+
+def _server_probe(path: Path) -> Path:
+    """A notebook that prints its pid, its parent's, and the preloaded helper module's VALUE."""
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell("trial = 0\nsleep = 0")
+    parameters.metadata.tags = ["parameters"]
+    probe = nbformat.v4.new_code_cell(
+        "import os, time, labbook_probe_helper\n"
+        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), os.getppid(), labbook_probe_helper.VALUE)\n"
+        "secret = trial\n"
+        "time.sleep(sleep)"
+    )
+    nb.cells = [parameters, probe]
+    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_kernel_server_forks_every_commands_kernels_and_stops_once_code_it_imported_is_edited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = tmp_path / "lib" / "labbook_probe_helper.py"  # the user's own module, preloaded
+    helper.parent.mkdir()
+    helper.write_text("VALUE = 'first'\n")
+    monkeypatch.setenv("PYTHONPATH", str(helper.parent))
+    socket_path = Path(tempfile.mkdtemp(prefix="labbook-test-")) / "k.sock"
+    server = subprocess.Popen(
+        [str(LABBOOK), "kernel-server", "--socket", str(socket_path), "--preload", "labbook_probe_helper"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not socket_path.is_socket():
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
+            time.sleep(0.2)
+        monkeypatch.setenv("LABBOOK_KERNEL_SERVER", str(socket_path))
+        [zygote] = _children(server.pid)
+        probe = _server_probe(tmp_path / "probe.ipynb")
+        pids = []
+        for trial in range(2):  # `labbook run` and the scheduler's runs execute one notebook like this
+            executed = notebook.execute(probe, tmp_path / f"run{trial}", {"trial": trial}, False, False)
+            assert executed.ok, executed.error
+            said, pid, parent, value = _said(executed)
+            assert (said, int(parent), value) == ("clean", zygote, "first")  # forked by the server, fresh
+            pids.append(int(pid))
+        assert len(set(pids)) == 2 and not any(_alive(pid) for pid in pids)
+
+        # The command that asked for a kernel is killed (OOM, kill -9): its kernel does not live on.
+        asking = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from pipelines import notebook; "
+             "notebook.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'sleep': 300}, None, False)",
+             str(probe), str(tmp_path / "killed")],
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not (orphan := [k for k in _children(zygote) if k not in pids]):
+            assert time.monotonic() < deadline and asking.poll() is None
+            time.sleep(0.2)
+        time.sleep(1)
+        asking.kill()
+        asking.wait()
+        deadline = time.monotonic() + 15
+        while _alive(orphan[0]):
+            assert time.monotonic() < deadline, "the kernel outlived the command that asked for it"
+            time.sleep(0.2)
+
+        # Its code edited, the server refuses, stops, and the notebook runs in a cold kernel with the new code.
+        helper.write_text("VALUE = 'second'\n")
+        os.utime(helper, ns=(time.time_ns(), time.time_ns() + 10**9))
+        executed = notebook.execute(probe, tmp_path / "edited", {"trial": 3}, False, False)
+        assert executed.ok, executed.error
+        said, _, parent, value = _said(executed)
+        assert (said, int(parent), value) == ("clean", os.getpid(), "second")
+        assert server.wait(timeout=30) == 0 and not socket_path.exists()
+        assert "labbook_probe_helper.py changed since it was imported" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)

@@ -250,7 +250,7 @@ def _kernels_under(root: int) -> list[int]:
 
 @pytest.mark.slow
 def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections(
-    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_kernel_server: None
 ) -> None:
     from pipelines.run import run_notebook
 
@@ -337,7 +337,7 @@ def _kill_kernel_when(process: subprocess.Popen, ready: Callable[[], bool], time
 
 
 def test_6_a_crashed_training_resumes_from_its_last_checkpoint_with_the_epoch_count_going_on(
-    store: str, tmp_path: Path
+    store: str, tmp_path: Path, no_kernel_server: None
 ) -> None:
     raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
     raw["trainer"] |= {"max_epochs": 12, "ckpt_path": "last", "enable_progress_bar": False}
