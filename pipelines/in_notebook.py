@@ -129,9 +129,9 @@ def strategy(name: str) -> Any:
     and `fsdp` becomes Lightning's FSDP strategy with the same fork launcher. As a script
     (torchrun, SLURM) every name reaches Lightning unchanged.
     """
-    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
-
-    if not _IS_INTERACTIVE:
+    # Lightning's own `_IS_INTERACTIVE` is fixed when it is imported; a forked kernel imported it
+    # in its zygote, before any kernel existed: ask the interpreter now (IPython sets sys.ps1).
+    if not (hasattr(sys, "ps1") or sys.flags.interactive):
         return name
     if name in ("ddp", "ddp_spawn"):
         return "ddp_notebook"

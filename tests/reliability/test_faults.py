@@ -226,7 +226,7 @@ def _open_fds() -> list[str]:
 
 def _kernels_under(root: int) -> list[int]:
     """The kernel processes descending from `root`, read from /proc: ipykernels, and forked kernels
-    and their zygote (which carry the zygote's command line)."""
+    and their zygote (which carry the zygote's command line); not the test session's kernel server."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError):
@@ -243,7 +243,7 @@ def _kernels_under(root: int) -> list[int]:
     for pid in filter(descends, parents):
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"ipykernel" in cmdline or b"pipelines.kernel_fork" in cmdline:
+            if b"ipykernel" in cmdline or (b"pipelines.kernel_fork" in cmdline and b"--listen" not in cmdline):
                 found.append(pid)
     return found
 
