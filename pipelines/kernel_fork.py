@@ -396,7 +396,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preload", action="append", default=[], help="a module to import once, too")
     parser.add_argument("--parent", type=int, help="exit when this process does")
     options = parser.parse_args(argv)
-    serve(options.listen, tuple(options.preload), options.parent)
+    code = 1
+    try:
+        serve(options.listen, tuple(options.preload), options.parent)
+        code = 0
+    except SystemExit as stop:  # SIGTERM
+        code = stop.code if isinstance(stop.code, int) else 0
+    except BaseException:  # noqa: BLE001 - said on stderr, then the exit status says it
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # Leave without the interpreter's exit handlers: pyzmq's wait for sockets that the
+        # imported modules hold kept a stopped server alive, orphaned, holding ~500 MB.
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
