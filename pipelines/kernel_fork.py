@@ -63,7 +63,7 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
         importlib.import_module(name)
     import ipykernel.kernelapp  # noqa: F401 - the kernel's own start-up modules, also shared
 
-    sources = _own_sources()
+    sources = _own_sources() if listen else {}  # only a long-lived server checks for edits
     events = selectors.DefaultSelector()
     server = None
     if not listen:

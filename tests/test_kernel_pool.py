@@ -21,21 +21,27 @@ from tests.conftest import LABBOOK
 pytestmark = pytest.mark.usefixtures("no_kernel_server")
 
 
-def _probe_notebook(path: Path) -> Path:
-    """A notebook that says whether a previous trial's global is visible, then sets its own."""
+def _notebook(path: Path, parameters: str, code: str) -> Path:
+    """A one-cell notebook for the labbook kernel, with its papermill parameters cell."""
     nb = nbformat.v4.new_notebook()
-    parameters = nbformat.v4.new_code_cell("trial = 0")
-    parameters.metadata.tags = ["parameters"]
-    probe = nbformat.v4.new_code_cell(
-        "import os, sys\n"
-        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules,"
-        " os.getppid(), os.getpgid(0), os.getcwd(), __import__('matplotlib').rcParams['backend'])\n"
-        "secret = trial"
-    )
-    nb.cells = [parameters, probe]
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata.tags = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(code)]
     nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
     nbformat.write(nb, path)
     return path
+
+
+def _probe_notebook(path: Path) -> Path:
+    """A notebook that says whether a previous trial's global is visible, then sets its own."""
+    return _notebook(
+        path,
+        "trial = 0",
+        "import os, sys\n"
+        "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), 'torch' in sys.modules,"
+        " os.getppid(), os.getpgid(0), os.getcwd(), __import__('matplotlib').rcParams['backend'])\n"
+        "secret = trial",
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -126,19 +132,14 @@ def test_the_pool_size_is_read_from_the_environment(monkeypatch: pytest.MonkeyPa
 
 def _server_probe(path: Path) -> Path:
     """A notebook that prints its pid, its parent's, and the preloaded helper module's VALUE."""
-    nb = nbformat.v4.new_notebook()
-    parameters = nbformat.v4.new_code_cell("trial = 0\nsleep = 0")
-    parameters.metadata.tags = ["parameters"]
-    probe = nbformat.v4.new_code_cell(
+    return _notebook(
+        path,
+        "trial = 0\nsleep = 0",
         "import os, time, labbook_probe_helper\n"
         "print('leaked' if 'secret' in globals() else 'clean', os.getpid(), os.getppid(), labbook_probe_helper.VALUE)\n"
         "secret = trial\n"
-        "time.sleep(sleep)"
+        "time.sleep(sleep)",
     )
-    nb.cells = [parameters, probe]
-    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
-    nbformat.write(nb, path)
-    return path
 
 
 def _children(pid: int) -> list[int]:
