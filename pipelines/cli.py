@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipelines.errors import TrackingUnavailable
+from pipelines.launch import quiet_defaults
 from pipelines.spec_io import SpecError
 
 app = typer.Typer(
@@ -23,17 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a CLI; MLflow
-# reads this when first imported (inside the commands). A user's own setting wins.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# nbformat (papermill's notebook reader) imports jsonschema, which imports `rfc3987_syntax` when
-# installed (jupyter-events installs it) only to offer an "iri" format check, and that import
-# builds a Lark grammar: 1.0-1.8 s of every `labbook` command's start, measured with -X importtime.
-# Format checks are off unless asked for, and nothing here asks: a None entry makes that one
-# optional import fail, so jsonschema goes without the check in this process (the MLflow server
-# and the kernels are other processes, untouched).
-sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobytes are noise
+quiet_defaults()  # before MLflow and nbformat are imported (inside the commands)
 out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
 err = Console(stderr=True, soft_wrap=True)
 

@@ -35,8 +35,24 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
+from pipelines.launch import interpreter
+
 LAUNCHER = "ipykernel_launcher"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+# What `labbook` commands import beyond a kernel's modules, imported once by a kernel server so
+# that the commands it forks (launch.py) start at once. `pipelines.cli` itself is imported by each
+# command: its consoles look at the command's own terminal.
+COMMAND_MODULES = (
+    "typer",
+    "rich.table",
+    "papermill",
+    "nbconvert",
+    "pipelines.run",
+    "pipelines.tune",
+    "pipelines.pipeline",
+    "pipelines.compare",
+    "pipelines.schedule",
+)
 
 
 # --- in the zygote ----------------------------------------------------------------------------
@@ -56,10 +72,14 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
     if sys.path and Path(sys.path[0] or ".").resolve() == Path.cwd():
         del sys.path[0]  # as ipykernel_launcher does: a kernel's path gets its own cwd back from IPython
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # exited kernels are reaped by the system: no zombies
+    if listen:
+        from pipelines.launch import quiet_defaults
+
+        quiet_defaults()  # as every command sets before its imports: its forked commands inherit them
     from pipelines.kernel_pool import warm_up
 
     warm_up()
-    for name in preload:
+    for name in (*preload, *(COMMAND_MODULES if listen else ())):
         importlib.import_module(name)
     import ipykernel.kernelapp  # noqa: F401 - the kernel's own start-up modules, also shared
 
@@ -128,28 +148,53 @@ def _stale(sources: dict[str, int]) -> str | None:
 
 
 def _answer(server: socket.socket, sources: dict[str, int], replies) -> bool:
-    """Fork a kernel for one socket request; False when the server must stop (its code changed)."""
+    """Fork a kernel, or a command, for one socket request; False when the server must stop (its code changed)."""
     connection, _ = server.accept()
+    fds: list[int] = []
     with connection:
         connection.settimeout(10)
         try:
-            with connection.makefile("r") as stream:
-                request = json.loads(stream.readline())
+            request, fds = _request(connection)
         except (OSError, ValueError):
+            _close(fds)
             return True
-        if request.get("python") != sys.executable:
-            connection.sendall(f"refused: this server runs {sys.executable}\n".encode())
-            return True
-        edited = _stale(sources)
-        if edited is not None:
-            # Its kernels would run the code as it was when the server started: refuse, and stop,
-            # so that every later command starts its kernels cold until the server is restarted.
-            print(f"labbook kernel server: {edited} changed since it was imported; stopping", file=sys.stderr)
-            connection.sendall(f"stale: {edited}\n".encode())
-            return False
-        pid = _fork(request, [replies, server, connection])
-        connection.sendall(f"{pid}\n".encode())
+        try:
+            if request.get("python") != interpreter():
+                connection.sendall(f"refused: this server runs {interpreter()}\n".encode())
+                return True
+            edited = _stale(sources)
+            if edited is not None:
+                # Its kernels would run the code as it was when the server started: refuse, and stop,
+                # so that every later command starts its kernels cold until the server is restarted.
+                print(f"labbook kernel server: {edited} changed since it was imported; stopping", file=sys.stderr)
+                connection.sendall(f"stale: {edited}\n".encode())
+                return False
+            if "command" in request:
+                _fork_command(request, fds, connection, [replies, server])
+                return True
+            pid = _fork(request, [replies, server, connection])
+            connection.sendall(f"{pid}\n".encode())
+        finally:
+            _close(fds)
     return True
+
+
+def _request(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One JSON line, with the file descriptors sent along with it (a command's stdin/out/err)."""
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, received, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+        fds += received
+        if not chunk:
+            raise ValueError("the request ended early")
+        data += chunk
+    return json.loads(data), fds
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _fork(request: dict[str, Any], close: list) -> int:
@@ -189,12 +234,7 @@ def _become_kernel(request: dict[str, Any]) -> None:
             import matplotlib
 
             matplotlib.rcParams["backend"] = request["env"].get("MPLBACKEND") or INLINE_BACKEND
-        threads = request["env"].get("OMP_NUM_THREADS", "")
-        if threads.isdigit() and int(threads) > 0:
-            # OpenMP read the variable when torch loaded, in the zygote: set this kernel's share.
-            import torch
-
-            torch.set_num_threads(int(threads))
+        _threads_from_env()
         args = list(request["args"])
         parent = request["env"].get("JPY_PARENT_PID", "")
         if parent.isdigit():
@@ -220,6 +260,113 @@ def _exit_without(pid: int) -> None:
     while _running(pid):
         time.sleep(1.0)
     os._exit(1)
+
+
+def _fork_command(request: dict[str, Any], fds: list[int], connection: socket.socket, close: list) -> None:
+    """A `labbook` command forked for a client (launch.py), under a supervisor that reports its end.
+
+    The supervisor (a fork of the zygote) forks the command, tells the client its pid, and waits:
+    it sends `exit N` when the command ends (128 + the signal if one killed it), and kills the
+    command's process group when the client goes away (`kill -9` of the client included).
+    """
+    if os.fork() != 0:
+        return  # the server: its copies of the descriptors and the connection are closed by the caller
+    code = 1
+    try:
+        for item in close:
+            with contextlib.suppress(OSError):
+                item.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # this process waits for the command
+        pid = os.fork()
+        if pid == 0:
+            connection.close()
+            _become_command(request, fds)
+        _close(fds)
+        connection.settimeout(None)
+        connection.sendall(f"pid {pid}\n".encode())
+        status = _supervise(pid, connection)
+        with contextlib.suppress(OSError):
+            connection.sendall(f"exit {status}\n".encode())
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _supervise(pid: int, connection: socket.socket) -> int:
+    """Wait for the command; kill its process group if the client hangs up first. Its exit status."""
+    events = selectors.DefaultSelector()
+    events.register(connection, selectors.EVENT_READ)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return code if code >= 0 else 128 - code
+        if events.select(timeout=0.2):
+            try:
+                gone = connection.recv(1) == b""
+            except OSError:
+                gone = True
+            if gone:  # the client died or was killed: so is its command, as if it were the client
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                events.unregister(connection)
+
+
+def _become_command(request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked child: `labbook <command>` with the client's cwd, environment and stdio. Never returns."""
+    code = 1
+    try:
+        os.setpgid(0, 0)  # its own process group: the supervisor kills it with everything it started
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        _close(fds)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        _threads_from_env()
+        import logging
+
+        # MLflow configured its loggers when the server imported it: this command's setting instead.
+        logging.getLogger("mlflow").setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING").upper())
+        if "matplotlib" in sys.modules and os.environ.get("MPLBACKEND"):
+            import matplotlib
+
+            matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.argv = ["labbook", *request["command"]]
+        from pipelines.cli import app
+
+        app()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - whatever it was, the child must never return to the zygote's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # What the interpreter does on exit (its threads joined, atexit handlers run), short of
+        # tearing down the modules the zygote imported: pyzmq's teardown can hang (see main()).
+        with contextlib.suppress(BaseException):
+            getattr(threading, "_shutdown", lambda: None)()
+        with contextlib.suppress(BaseException):
+            import atexit
+
+            atexit._run_exitfuncs()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _threads_from_env() -> None:
+    """OpenMP read OMP_NUM_THREADS when torch loaded, in the zygote: set this process's share."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 # --- in the process that starts kernels -------------------------------------------------------
@@ -374,7 +521,7 @@ class RemoteZygote:
 
     def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
         """A kernel forked by the server; None when it is gone, refuses or is stale (start one cold)."""
-        request = {"args": args, "cwd": cwd, "env": env, "python": sys.executable}
+        request = {"args": args, "cwd": cwd, "env": env, "python": interpreter()}
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
                 connection.settimeout(30)

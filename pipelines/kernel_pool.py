@@ -28,6 +28,7 @@ from pathlib import Path
 from jupyter_client import KernelManager
 
 from pipelines.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
+from pipelines.launch import fork_enabled, server_path
 
 # What every training notebook imports first; imported in the warm kernel before it is handed out.
 WARM_MODULES = (
@@ -44,8 +45,6 @@ WARM_MODULES = (
     "mlflow.pytorch",
 )
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
-ENV_FORK = "LABBOOK_FORK_KERNELS"
-ENV_SERVER = "LABBOOK_KERNEL_SERVER"
 
 
 def default_size() -> int:
@@ -57,20 +56,10 @@ def default_size() -> int:
         raise ValueError(f"{ENV_SIZE}={raw!r}: expected a whole number ≥ 0") from None
 
 
-def fork_enabled() -> bool:
-    """`LABBOOK_FORK_KERNELS` (default 1): fork a pool's kernels from one warm process."""
-    raw = os.environ.get(ENV_FORK, "1").strip().lower()
-    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise ValueError(f"{ENV_FORK}={raw!r}: expected 1 or 0")
-    return raw in ("1", "true", "yes", "")
-
-
 def kernel_server() -> RemoteZygote | None:
     """The kernel server named by `LABBOOK_KERNEL_SERVER` (a Unix socket), when forking is on."""
-    path = os.environ.get(ENV_SERVER, "").strip()
-    if not path or not fork_enabled() or not Path(path).is_socket():
-        return None
-    return RemoteZygote(path)
+    path = server_path()
+    return RemoteZygote(path) if path else None
 
 
 def trial_threads() -> int:

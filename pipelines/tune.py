@@ -29,6 +29,7 @@ from rich.table import Table
 
 from pipelines import notebook, resume, tracking
 from pipelines import study as studies
+from pipelines.launch import ENV_PID
 from pipelines.run import run_training
 from pipelines.spec import Spec, SpecError
 from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
@@ -331,8 +332,12 @@ class _Worker:
 
 
 def _this_process() -> str:
-    """`host:pid`: which worker ran a trial, and what a joined worker's sampler seed is mixed with."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`host:pid`: which worker ran a trial, and what a joined worker's sampler seed is mixed with.
+
+    The pid is the one the user started: a command forked by a kernel server (launch.py) runs in
+    another process, but `kill` of the started one is what stops it.
+    """
+    return f"{socket.gethostname()}:{os.environ.get(ENV_PID) or os.getpid()}"
 
 
 def _fmt(value: Any) -> str:

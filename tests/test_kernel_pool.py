@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from mlflow import MlflowClient
 
 from pipelines import notebook
 from pipelines.kernel_pool import default_size
@@ -213,3 +215,81 @@ def test_a_kernel_server_forks_every_commands_kernels_and_stops_once_code_it_imp
         if server.poll() is None:
             server.terminate()
             server.wait(timeout=30)
+
+
+def _parent(pid: int) -> int:
+    """Its parent's pid; 0 once it has exited."""
+    with contextlib.suppress(OSError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return 0
+
+
+def _listening(socket_path: str) -> int:
+    """The pid of the kernel server listening on `socket_path` (its zygote: it forks everything).
+    Its forks share its command line; the server is the one whose parent does not."""
+
+    def serves(pid: int) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            return words[words.index(b"--listen") + 1] == socket_path.encode()
+        return False
+
+    [server] = [p for p in (int(d.name) for d in Path("/proc").glob("[0-9]*")) if serves(p) and not serves(_parent(p))]
+    return server
+
+
+def _started_for(zygote: int, before: list[int], timeout: float = 120) -> tuple[int, int]:
+    """The command a `labbook` client got forked (under its supervisor), and the command's kernel."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = [p for p in _children(zygote) if p not in before]
+        commands = [c for p in new for c in _children(p)]
+        kernels = [p for p in new if not _children(p)]
+        if commands and kernels:
+            return commands[0], kernels[0]
+        time.sleep(0.3)
+    raise AssertionError("no forked command and kernel appeared")
+
+
+def test_a_kernel_server_runs_labbook_commands_forked_with_the_callers_files_signals_and_exit_status(
+    store: str, tmp_path: Path, kernel_server: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`labbook` asks the server to fork the command: its imports are done, the rest is as if run here."""
+    if kernel_server is None:
+        pytest.skip("LABBOOK_TEST_KERNEL_SERVER=0")
+    deadline = time.monotonic() + 240
+    while not Path(kernel_server).is_socket():
+        assert time.monotonic() < deadline, "the session's kernel server did not start"
+        time.sleep(0.5)
+    monkeypatch.setenv("LABBOOK_KERNEL_SERVER", kernel_server)
+    # Bad input: the caller gets the one-line error on its own stderr and exit status 2.
+    bad = subprocess.run([str(LABBOOK), "run", "nope.yaml"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+
+    spec = str(Path(__file__).resolve().parents[1] / "pipelines" / "regression_mlp.yaml")
+    long_run = ["run", spec, "--set", "max_epochs=500"]
+    zygote = _listening(kernel_server)
+    before = _children(zygote)
+    client = subprocess.Popen([str(LABBOOK), *long_run], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, kernel = _started_for(zygote, before)
+    # The command is not the caller's child but the server's (through the supervisor that reports its end).
+    assert _children(client.pid) == [] and _parent(_parent(command)) == zygote
+    time.sleep(2)
+    client.send_signal(signal.SIGINT)  # Ctrl-C reaches the caller only; it is forwarded
+    stdout, stderr = client.communicate(timeout=120)
+    assert client.returncode == 130, stderr[-2000:]
+    assert stdout.startswith("running ") and "interrupted: run the same command again" in stderr
+    [cut] = MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])
+    assert cut.info.status in ("FAILED", "KILLED"), cut.info.status
+    assert "notebook/train.ipynb" in [a.path for a in MlflowClient(store).list_artifacts(cut.info.run_id, "notebook")]
+
+    # kill -9 of the caller: the command and its kernel do not live on.
+    before = _children(zygote)
+    client = subprocess.Popen([str(LABBOOK), *long_run], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command, kernel = _started_for(zygote, before)
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + 15
+    while _alive(command) or _alive(kernel):
+        assert time.monotonic() < deadline, "the forked command or its kernel outlived the killed caller"
+        time.sleep(0.2)

@@ -228,3 +228,33 @@ def test_parameters_cell_holds_every_setting_as_plain_assignments() -> None:
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")  # committed clean
     assert notebook.metadata.kernelspec.name == "labbook"
     assert np.isscalar(namespace["lr"])
+
+
+def _open_store(uri: str, barrier, results) -> None:  # noqa: ANN001 - multiprocessing's own types
+    from pipelines import tracking
+
+    barrier.wait()  # all at once, on a store none of them has seen
+    try:
+        mlflow = tracking.client(uri)
+        mlflow.create_experiment(f"opened by {mlflow.tracking_uri} {__import__('os').getpid()}")
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - what failed is the answer
+        results.put(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def test_commands_opening_a_new_store_at_once_all_succeed_and_share_one_store(tmp_path: Path) -> None:
+    """MLflow migrates a new SQLite store in whichever process opens it first: two at once broke it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / str(attempt) / 'mlruns' / 'mlflow.db'}"
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        said = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert said == ["ok"] * 4
+        assert len(MlflowClient(uri).search_experiments()) == 5  # theirs and Default

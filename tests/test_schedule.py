@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from croniter import croniter
-from mlflow import MlflowClient
 
-from pipelines import schedule
+from pipelines import schedule, tracking
 from tests.conftest import LABBOOK, labbook
 
 STEP = "tests/notebooks/step.ipynb"
@@ -29,7 +28,7 @@ def pipeline(tmp_path: Path, name: str, sleep: float = 0.0) -> Path:
 
 
 def pipeline_runs(uri: str, name: str) -> list:
-    client = MlflowClient(uri)
+    client = tracking.client(uri)  # under the store's lock: the scheduler's run may be creating it
     found = client.get_experiment_by_name(name)
     if found is None:
         return []
