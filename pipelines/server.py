@@ -27,6 +27,14 @@ class ServerCommand:
     url: str
 
 
+# Seconds a server worker trusts a login it has checked. MLflow's default (0) checks the password
+# hash (scrypt, ~0.16 s of CPU here) on every request, and a trial makes dozens: measured on one
+# 3-epoch trial, its fit took 5.5 s and its model logging 10.4 s with auth against 2.7 s and 2.0 s
+# without. The price: a changed or revoked password still works for up to this long on the
+# server workers that had accepted it.
+AUTH_CACHE_SECONDS = 60
+
+
 def auth_config(path: Path, database_uri: str, admin_username: str) -> Path:
     """MLflow's basic-auth settings: users in `database_uri`, no access without a login."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +44,7 @@ def auth_config(path: Path, database_uri: str, admin_username: str) -> Path:
         f"database_uri = {database_uri}\n"
         f"admin_username = {admin_username}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
     return path
 

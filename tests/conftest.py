@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,9 @@ def kernel_server() -> Iterator[str | None]:
 
     Each notebook still runs in a fresh kernel process of its own; only the ~8 s of CPU a cold
     kernel spends importing torch, Lightning and MLflow is paid once per test process instead of
-    once per notebook (most of the suite's CPU). Until the server is ready, commands start their
-    kernels cold. The default path (no server) keeps its own tests: `no_kernel_server` below.
-    LABBOOK_TEST_KERNEL_SERVER=0 runs the whole suite without it.
+    once per notebook (most of the suite's CPU); `labbook` commands are forked from it too
+    (launch.py). The session waits for it to listen. The default path (no server) keeps its own
+    tests: `no_kernel_server` below. LABBOOK_TEST_KERNEL_SERVER=0 runs the whole suite without it.
     """
     if os.environ.get("LABBOOK_TEST_KERNEL_SERVER", "1") == "0":
         yield None
@@ -42,6 +43,11 @@ def kernel_server() -> Iterator[str | None]:
     command = [sys.executable, "-m", "pipelines.kernel_fork", "--listen", path, "--parent", str(os.getpid())]
     with open(os.path.join(folder, "server.log"), "w") as log:
         server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+    # Wait for it: tests started meanwhile would import in their own processes what it is
+    # importing, on the same 2 cores, and gain nothing from it.
+    deadline = time.monotonic() + 300
+    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     os.environ["LABBOOK_KERNEL_SERVER"] = path
     yield path
     os.environ.pop("LABBOOK_KERNEL_SERVER", None)

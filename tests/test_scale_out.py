@@ -202,6 +202,7 @@ def test_basic_auth_server_and_a_killed_worker_whose_trial_is_retried(
     # Without credentials a worker is refused at once, and records nothing.
     storage = database("optuna")
     spec = study_spec("survivors", n_trials=2)
+    spec["trainer"]["max_epochs"] = 10  # a trial long enough to be killed while it trains (~10 s)
     a, b = machine(tmp_path, "machine_a", spec), machine(tmp_path, "machine_b", spec)
     refused = subprocess.run(
         [str(LABBOOK), "tune", "spec.yaml", "--storage", storage, "--no-register", "--no-report"],
