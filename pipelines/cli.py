@@ -465,10 +465,11 @@ def kernel_server(
         list[str] | None, typer.Option(help="Also import this module of yours once (repeatable).")
     ] = None,
 ) -> None:
-    """Fork every notebook's kernel from one warm process: each command's kernels start in ~0.5 s.
+    """Fork every labbook command, and every notebook's kernel, from one warm process.
 
-    Point labbook at it with LABBOOK_KERNEL_SERVER=<socket>. Each kernel is still a fresh
-    process running one notebook; the server stops itself when code it imported is edited.
+    Point labbook at it with LABBOOK_KERNEL_SERVER=<socket>: a command then starts in ~0.5 s and
+    its kernels too. Each kernel is still a fresh process running one notebook; the server stops
+    itself when code it imported is edited.
     """
     path = socket_path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)

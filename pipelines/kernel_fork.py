@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,47 +214,44 @@ def _become_kernel(request: dict[str, Any]) -> None:
     """In the forked child: the process a kernel launch would have started, then the kernel. Never returns."""
     code = 1
     try:
-        os.setsid()  # its own process group, as jupyter_client starts kernels: signals reach its children
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a kernel server's own handler is not the kernel's
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)  # the zygote's request pipe is not the kernel's stdin
-        os.close(null)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        watched = request["env"].get("JPY_PARENT_PID", "")
-        if watched.isdigit():
-            # The process that asked for this kernel may not be its parent (a kernel server's
-            # kernels are the server's children): exit when it is gone, as a cold kernel does.
-            threading.Thread(target=_exit_without, args=(int(watched),), daemon=True).start()
-        if "matplotlib" in sys.modules:
-            # matplotlib read MPLBACKEND when the zygote imported it, before ipykernel sets it to
-            # the inline backend (kernelapp does, unless set): choose it as a cold kernel would.
-            # The backend loads at the notebook's first figure, once the shell exists.
-            import matplotlib
-
-            matplotlib.rcParams["backend"] = request["env"].get("MPLBACKEND") or INLINE_BACKEND
-        _threads_from_env()
-        args = list(request["args"])
-        parent = request["env"].get("JPY_PARENT_PID", "")
-        if parent.isdigit():
-            # ipykernel read JPY_PARENT_PID when the zygote imported it; a kernel whose parent is
-            # not that pid exits once it is orphaned (the zygote exits with the pool).
-            args.append(f"--IPKernelApp.parent_handle={parent}")
-        sys.argv = [LAUNCHER, *args]
-        from ipykernel import kernelapp
-
-        kernelapp.launch_new_instance(argv=args)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - whatever it was, the child must never return to the zygote's loop
-        import traceback
-
-        traceback.print_exc()
+        code = _status(lambda: _run_kernel(request))
     finally:
         os._exit(code)
+
+
+def _run_kernel(request: dict[str, Any]) -> None:
+    os.setsid()  # its own process group, as jupyter_client starts kernels: signals reach its children
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a kernel server's own handler is not the kernel's
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the kernel waits for its own subprocesses
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # the zygote's request pipe is not the kernel's stdin
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    watched = request["env"].get("JPY_PARENT_PID", "")
+    if watched.isdigit():
+        # The process that asked for this kernel may not be its parent (a kernel server's
+        # kernels are the server's children): exit when it is gone, as a cold kernel does.
+        threading.Thread(target=_exit_without, args=(int(watched),), daemon=True).start()
+    if "matplotlib" in sys.modules:
+        # matplotlib read MPLBACKEND when the zygote imported it, before ipykernel sets it to
+        # the inline backend (kernelapp does, unless set): choose it as a cold kernel would.
+        # The backend loads at the notebook's first figure, once the shell exists.
+        import matplotlib
+
+        matplotlib.rcParams["backend"] = request["env"].get("MPLBACKEND") or INLINE_BACKEND
+    _threads_from_env()
+    args = list(request["args"])
+    parent = request["env"].get("JPY_PARENT_PID", "")
+    if parent.isdigit():
+        # ipykernel read JPY_PARENT_PID when the zygote imported it; a kernel whose parent is
+        # not that pid exits once it is orphaned (the zygote exits with the pool).
+        args.append(f"--IPKernelApp.parent_handle={parent}")
+    sys.argv = [LAUNCHER, *args]
+    from ipykernel import kernelapp
+
+    kernelapp.launch_new_instance(argv=args)
 
 
 def _exit_without(pid: int) -> None:
@@ -317,34 +315,7 @@ def _become_command(request: dict[str, Any], fds: list[int]) -> None:
     """In the forked child: `labbook <command>` with the client's cwd, environment and stdio. Never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)  # its own process group: the supervisor kills it with everything it started
-        for target, fd in enumerate(fds[:3]):
-            os.dup2(fd, target)
-        _close(fds)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        _threads_from_env()
-        import logging
-
-        # MLflow configured its loggers when the server imported it: this command's setting instead.
-        logging.getLogger("mlflow").setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING").upper())
-        if "matplotlib" in sys.modules and os.environ.get("MPLBACKEND"):
-            import matplotlib
-
-            matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.argv = ["labbook", *request["command"]]
-        from pipelines.cli import app
-
-        app()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - whatever it was, the child must never return to the zygote's loop
-        import traceback
-
-        traceback.print_exc()
+        code = _status(lambda: _run_command(request, fds))
     finally:
         # What the interpreter does on exit (its threads joined, atexit handlers run), short of
         # tearing down the modules the zygote imported: pyzmq's teardown can hang (see main()).
@@ -358,6 +329,45 @@ def _become_command(request: dict[str, Any], fds: list[int]) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _run_command(request: dict[str, Any], fds: list[int]) -> None:
+    os.setpgid(0, 0)  # its own process group: the supervisor kills it with everything it started
+    for target, fd in enumerate(fds[:3]):
+        os.dup2(fd, target)
+    _close(fds)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _threads_from_env()
+    import logging
+
+    # MLflow configured its loggers when the server imported it: this command's setting instead.
+    logging.getLogger("mlflow").setLevel(os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING").upper())
+    if "matplotlib" in sys.modules and os.environ.get("MPLBACKEND"):
+        import matplotlib
+
+        matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.argv = ["labbook", *request["command"]]
+    from pipelines.cli import app
+
+    app()
+
+
+def _status(work: Callable[[], object]) -> int:
+    """The exit status `work` gives the process it runs in: 0, its SystemExit's, or 1 (with the
+    traceback on stderr). A forked child must never return to the zygote's loop, whatever happens."""
+    try:
+        work()
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:  # noqa: BLE001 - whatever it was: said on stderr, then the exit status says it
+        import traceback
+
+        traceback.print_exc()
+        return 1
 
 
 def _threads_from_env() -> None:
@@ -545,14 +555,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     code = 1
     try:
-        serve(options.listen, tuple(options.preload), options.parent)
-        code = 0
-    except SystemExit as stop:  # SIGTERM
-        code = stop.code if isinstance(stop.code, int) else 0
-    except BaseException:  # noqa: BLE001 - said on stderr, then the exit status says it
-        import traceback
-
-        traceback.print_exc()
+        code = _status(lambda: serve(options.listen, tuple(options.preload), options.parent))  # SIGTERM: 0
     finally:
         # Leave without the interpreter's exit handlers: pyzmq's wait for sockets that the
         # imported modules hold kept a stopped server alive, orphaned, holding ~500 MB.

@@ -250,7 +250,7 @@ def _kernels_under(root: int) -> list[int]:
 
 @pytest.mark.slow
 def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections(
-    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_kernel_server: None
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_server: str | None, no_kernel_server: None
 ) -> None:
     from pipelines.run import run_notebook
 
@@ -265,7 +265,10 @@ def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections
     path = tmp_path / "tiny.ipynb"
     nbformat.write(nb, path)
 
-    run_notebook(path, {"n": -1}, "leaks", progress_bar=False)  # first-use caches, before counting
+    with monkeypatch.context() as warming:  # first-use caches, before counting (its kernel: any)
+        if kernel_server:
+            warming.setenv("LABBOOK_KERNEL_SERVER", kernel_server)
+        run_notebook(path, {"n": -1}, "leaks", progress_bar=False)
     fds = len(_open_fds())
     with notebook.warm_kernels(1) as kernels:  # as studies run them: forked from the pool's zygote
         results = [run_notebook(path, {"n": n}, "leaks", progress_bar=False, kernels=kernels) for n in range(50)]
@@ -337,7 +340,7 @@ def _kill_kernel_when(process: subprocess.Popen, ready: Callable[[], bool], time
 
 
 def test_6_a_crashed_training_resumes_from_its_last_checkpoint_with_the_epoch_count_going_on(
-    store: str, tmp_path: Path, no_kernel_server: None
+    store: str, tmp_path: Path, kernel_server: str | None, no_kernel_server: None
 ) -> None:
     raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
     raw["trainer"] |= {"max_epochs": 12, "ckpt_path": "last", "enable_progress_bar": False}
@@ -352,7 +355,8 @@ def test_6_a_crashed_training_resumes_from_its_last_checkpoint_with_the_epoch_co
     reached = torch.load(last, weights_only=False)["epoch"]  # the epoch the last checkpoint closed
     assert reached < 11
 
-    done = labbook("run", str(spec))
+    # The crash needed the kernel under the command (to kill it); the resume may use the server.
+    done = labbook("run", str(spec), env={"LABBOOK_KERNEL_SERVER": kernel_server} if kernel_server else None)
     assert done.returncode == 0, done.stderr[-2000:]
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name("regression").experiment_id
