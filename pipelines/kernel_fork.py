@@ -387,22 +387,32 @@ class Zygote:
 
     def __init__(self, env: dict[str, str] | None = None, timeout: float = 300) -> None:
         self._lock = threading.Lock()
+        self._pending = b""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipelines.kernel_fork"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
             env=env,
         )
         self.ready = self._read(timeout) == "ready"
 
     def _read(self, timeout: float) -> str:
+        """The zygote's next line, or "" if none came in `timeout` s. A zygote that missed one is
+        not asked again: its late reply would be read as the answer to the next request."""
         assert self.process.stdout is not None
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        return line[0].strip() if line else ""
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._pending:
+                left = deadline - time.monotonic()
+                chunk = os.read(fd, 4096) if left > 0 and selector.select(left) else b""
+                if not chunk:
+                    self.ready = False
+                    return ""
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode().strip()
 
     def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
         """A kernel forked with these launcher arguments, cwd and environment; None if the zygote is gone."""
@@ -411,7 +421,7 @@ class Zygote:
                 return None
             assert self.process.stdin is not None
             try:
-                self.process.stdin.write(json.dumps({"args": args, "cwd": cwd, "env": env}) + "\n")
+                self.process.stdin.write((json.dumps({"args": args, "cwd": cwd, "env": env}) + "\n").encode())
                 self.process.stdin.flush()
             except OSError:
                 return None
