@@ -117,12 +117,18 @@ def test_distill_fast_dev_run_for_a_classifier_and_a_gpt_student() -> None:
     digits = _digits()
     teacher = build_model({"model": "mlp_classifier", "data": "digits", "hidden_sizes": [32]}, digits)
     student = build_model({"model": "mlp_classifier", "data": "digits", "hidden_sizes": [8]}, digits)
-    L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False).fit(Distill(student, teacher), datamodule=digits)
     text = build_data({"model": "gpt", "data": "text", "corpus_bytes": 20_000, "block_size": 32})
     text.setup()
     big = build_model({"model": "gpt", "data": "text", "n_layer": 2, "n_embd": 32, "block_size": 32}, text)
     small = build_model({"model": "gpt", "data": "text", "n_layer": 1, "n_embd": 16, "block_size": 32}, text)
-    L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False).fit(Distill(small, big.net), datamodule=text)
+    for pupil, master, data in ((student, teacher, digits), (small, big.net, text)):
+        before = {k: v.clone() for k, v in pupil.state_dict().items()}
+        frozen = {k: v.clone() for k, v in master.state_dict().items()}
+        L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False).fit(Distill(pupil, master), datamodule=data)
+        # The student learned (its weights moved); the teacher is untouched, frozen and in eval mode.
+        assert any(not torch.equal(before[k], v) for k, v in pupil.state_dict().items())
+        assert all(torch.equal(frozen[k], v) for k, v in master.state_dict().items())
+        assert not master.training and not any(p.requires_grad for p in master.parameters())
 
 
 def test_quantization_pruning_and_attributions_alone() -> None:
