@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NLP_STAMP := $(VENV)/.installed-nlp
 SPEC ?= pipelines/digits_nightly.yaml
 
-.PHONY: setup run test lint bench ui clean
+.PHONY: setup run test test-fast lint bench ui clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ run: setup
 test: setup $(NLP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# The inner loop: ruff and the tests marked `fast` (specs, models, optimization: no notebook, no kernel
+# server), under 2 minutes on 2 cores. `make test` runs them too.
+test-fast: setup $(NLP_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 -m fast $(PYTEST_ARGS)
 
 # The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min),
 # then where one trial's seconds go (bench/profile_trial.py): bench/profile.json and bench/profile.md (~3 min).

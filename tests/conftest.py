@@ -25,7 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 LABBOOK = Path(sys.executable).with_name("labbook")
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fast: no notebook, no kernel server; `make test-fast` runs only these (the inner loop)"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _kernel_server_unless_fast(request: pytest.FixtureRequest) -> None:
+    """Every test but the `fast` ones gets the session's kernel server, started on first need."""
+    if request.node.get_closest_marker("fast") is None:
+        request.getfixturevalue("kernel_server")
+
+
+@pytest.fixture(scope="session")
 def kernel_server() -> Iterator[str | None]:
     """One kernel server per test process (`labbook kernel-server`), used by every command a test starts.
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from lightning_modules import MODELS, build_data, build_model, model_class
 
+pytestmark = pytest.mark.fast  # no notebook: `make test-fast`
+
 # Each task's data, kept tiny: a 20 KB corpus for the GPT, 20 docstrings per class for fine-tuning.
 DATA_FOR_TASK = {
     "classification": {"data": "digits"},

@@ -8,6 +8,8 @@ import torch
 
 from lightning_modules import build_data, build_model
 
+pytestmark = pytest.mark.fast  # no notebook: `make test-fast`
+
 
 class LrRecorder(L.Callback):
     def __init__(self) -> None:

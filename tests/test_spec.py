@@ -14,6 +14,8 @@ from pipelines.pipeline_spec import load_pipeline
 from pipelines.spec import PROJECT_ROOT, SpecError, load_spec, parse_overrides
 from tests.conftest import labbook
 
+pytestmark = pytest.mark.fast  # no notebook: `make test-fast`
+
 SHIPPED = sorted((PROJECT_ROOT / "pipelines").glob("*.yaml"))
 BASE = yaml.safe_load((PROJECT_ROOT / "pipelines" / "digits_mlp.yaml").read_text())
 
