@@ -141,7 +141,7 @@ def _fill_caches() -> None:
 
 
 def _warm_code(tracking_uri: str | None, caches: bool) -> str:
-    return f"__import__('pipelines.kernel_pool').kernel_pool.warm_up({tracking_uri!r}, {caches!r})"
+    return f"__import__('importlib').import_module('pipelines.kernel_pool').warm_up({tracking_uri!r}, {caches!r})"
 
 
 def _pid(km: KernelManager) -> int | None:
