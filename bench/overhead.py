@@ -49,9 +49,11 @@ from papermill.iorw import load_notebook_node  # noqa: E402
 from papermill.parameterize import parameterize_notebook  # noqa: E402
 
 from lightning_modules import build_data, build_model  # noqa: E402
-from pipelines import in_notebook, notebook, tracking  # noqa: E402
-from pipelines import study as studies  # noqa: E402
-from pipelines.spec import load_spec  # noqa: E402
+from pipelines.execution import notebook  # noqa: E402
+from pipelines.nb import in_notebook  # noqa: E402
+from pipelines.specs.spec import load_spec  # noqa: E402
+from pipelines.study import study as studies  # noqa: E402
+from pipelines.tracking import tracking  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -266,7 +268,7 @@ def in_process_trial(p: dict[str, Any]) -> float:
 
 
 def notebook_trial(p: dict[str, Any], kernels: Any) -> float:
-    from pipelines.run import run_notebook
+    from pipelines.execution.run import run_notebook
 
     start = time.perf_counter()
     result = run_notebook(TRAIN, p, "bench", run_name="notebook", progress_bar=False, kernels=kernels)

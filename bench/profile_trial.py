@@ -35,8 +35,9 @@ import overhead  # noqa: E402 - the bench's shared helpers: spec, trial paramete
 import papermill  # noqa: E402
 from jupyter_client import KernelManager  # noqa: E402
 
-from pipelines import notebook, tracking  # noqa: E402
-from pipelines.kernel_pool import KernelPool  # noqa: E402
+from pipelines.execution import notebook  # noqa: E402
+from pipelines.kernels.kernel_pool import KernelPool  # noqa: E402
+from pipelines.tracking import tracking  # noqa: E402
 
 BENCH = overhead.BENCH
 # A short label per train-notebook code cell, by what the cell starts with.

@@ -31,8 +31,8 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from pipelines import study as labbook_study
-from pipelines import tracking
+from pipelines.study import study as labbook_study
+from pipelines.tracking import tracking
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from pipelines.errors import TrackingUnavailable
 from pipelines.launch import quiet_defaults
-from pipelines.spec_io import SpecError
+from pipelines.specs.spec_io import SpecError
 
 app = typer.Typer(
     help="Deep-learning experiments as parameterized notebooks, tracked in MLflow.",
@@ -59,7 +59,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def _load(spec: Path, overrides: list[str] | None):
-    from pipelines.spec import load_spec, parse_overrides
+    from pipelines.specs.spec import load_spec, parse_overrides
 
     try:
         return load_spec(spec, parse_overrides(overrides or []))
@@ -68,7 +68,7 @@ def _load(spec: Path, overrides: list[str] | None):
 
 
 def _is_pipeline(spec: Path) -> bool:
-    from pipelines.spec_io import read_yaml
+    from pipelines.specs.spec_io import read_yaml
 
     try:
         return "steps" in (read_yaml(spec) or {})
@@ -77,7 +77,7 @@ def _is_pipeline(spec: Path) -> bool:
 
 
 def _load_pipeline(spec: Path):
-    from pipelines.pipeline_spec import load_pipeline
+    from pipelines.specs.pipeline_spec import load_pipeline
 
     try:
         return load_pipeline(spec)
@@ -107,7 +107,7 @@ def script(
     ] = None,
 ) -> None:
     """Write a training spec's notebook as a Python script, for torchrun or srun on several nodes."""
-    from pipelines.script import notebook_script
+    from pipelines.execution.script import notebook_script
 
     loaded = _load(spec, set_)
     written = notebook_script(loaded, spec, output, output_dir)
@@ -131,7 +131,7 @@ def run(
     schedule_id: Annotated[str | None, typer.Option(hidden=True, help="The schedule that fired this run.")] = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
-    from pipelines.tracking import check_server, tracking_uri
+    from pipelines.tracking.tracking import check_server, tracking_uri
 
     if _is_pipeline(spec):
         if set_:
@@ -140,7 +140,7 @@ def run(
         return
     if from_step or pipeline_run:
         raise _fail("--from/--pipeline-run: only a pipeline spec (with steps:) has steps to continue")
-    from pipelines.run import run_training
+    from pipelines.execution.run import run_training
 
     loaded = _load(spec, set_)
     _stop_on_sigterm()
@@ -164,8 +164,8 @@ def run(
 
 
 def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, trigger: str, schedule_id: str | None):
-    from pipelines.pipeline import run_pipeline
-    from pipelines.tracking import tracking_uri
+    from pipelines.pipeline.pipeline import run_pipeline
+    from pipelines.tracking.tracking import tracking_uri
 
     if trigger not in ("manual", "scheduled"):
         raise _fail(f"--trigger: got {trigger!r}; expected manual or scheduled")
@@ -202,7 +202,7 @@ TimeoutOpt = Annotated[float | None, typer.Option(min=1, help="Stop starting new
 
 
 def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study_name):
-    from pipelines.tune import open_study
+    from pipelines.study.tune import open_study
 
     try:
         return open_study(_load(spec, set_), spec, n_trials, timeout, storage, study_name)
@@ -227,7 +227,7 @@ def tune(
     report: Annotated[bool, typer.Option(help="Execute notebooks/report.ipynb and attach it to the study.")] = True,
 ) -> None:
     """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
-    from pipelines.tune import tune as run_study
+    from pipelines.study.tune import tune as run_study
 
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
     _stop_on_sigterm()
@@ -258,7 +258,7 @@ def worker(
     wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for `labbook tune` to create the study.")] = 0.0,
 ) -> None:
     """Join a study started by `labbook tune` and run trials until its budget is spent."""
-    from pipelines.tune import run_worker
+    from pipelines.study.tune import run_worker
 
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
     _stop_on_sigterm()
@@ -285,8 +285,8 @@ def compare(
     output: Annotated[Path | None, typer.Option(help="Write to this file instead of the terminal.")] = None,
 ) -> None:
     """Compare runs: parameters, final metrics, state and duration, best first."""
-    from pipelines.compare import compare as compare_runs
-    from pipelines.compare import render, varying_columns
+    from pipelines.reports.compare import compare as compare_runs
+    from pipelines.reports.compare import render, varying_columns
 
     if format_ not in ("table", "csv", "markdown", "html"):
         raise _fail(f"--format: got {format_!r}; expected one of table, csv, markdown, html")
@@ -331,7 +331,7 @@ def rerun(
     """Execute a run again from its record and compare every final metric, old vs new."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.rerun import rerun as rerun_run
+    from pipelines.execution.rerun import rerun as rerun_run
 
     _stop_on_sigterm()
     try:
@@ -359,7 +359,7 @@ def diff(
     """What differs between two runs: parameters, final metrics, provenance, notebook cells."""
     from mlflow.exceptions import MlflowException
 
-    from pipelines.diff import diff as diff_runs
+    from pipelines.reports.diff import diff as diff_runs
 
     try:
         found = diff_runs(run_a, run_b)
@@ -388,7 +388,7 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow UI on the store labbook's runs use."""
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking.tracking import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -443,8 +443,8 @@ def server(
     workers: Annotated[int | None, typer.Option(min=1, help="Server worker processes.")] = None,
 ) -> None:
     """Start an MLflow tracking server with proxied artifacts, for workers on many machines."""
-    from pipelines.server import server_command
-    from pipelines.tracking import redact
+    from pipelines.tracking.server import server_command
+    from pipelines.tracking.tracking import redact
 
     try:
         command = server_command(backend_store_uri, artifacts_destination, host, port, auth, auth_db, workers)
@@ -475,7 +475,7 @@ def kernel_server(
     path.parent.mkdir(parents=True, exist_ok=True)
     out.print(f"kernel server on {path}  (Ctrl-C to stop)")
     out.print(f"use it: export LABBOOK_KERNEL_SERVER={path}")
-    command = [sys.executable, "-m", "pipelines.kernel_fork", "--listen", str(path)]
+    command = [sys.executable, "-m", "pipelines.kernels.kernel_fork", "--listen", str(path)]
     command += [a for module in preload or [] for a in ("--preload", module)]
     _serve(command, dict(os.environ))
 
@@ -502,7 +502,7 @@ def schedule_add(
     store: StoreOpt = None,
 ) -> None:
     """Schedule a pipeline spec; `labbook scheduler` fires it."""
-    from pipelines import schedule
+    from pipelines.schedule import schedule
 
     try:
         if cron is not None:
@@ -517,7 +517,7 @@ def schedule_add(
 @schedule_app.command("list")
 def schedule_list(store: StoreOpt = None) -> None:
     """Schedules with their next fire time and their last run's state."""
-    from pipelines import schedule
+    from pipelines.schedule import schedule
 
     found = schedule.list_schedules(store)
     if not found:
@@ -534,7 +534,7 @@ def schedule_list(store: StoreOpt = None) -> None:
 @schedule_app.command("remove")
 def schedule_remove(schedule_id: Annotated[str, typer.Argument(help="The schedule's id.")], store: StoreOpt = None):
     """Remove a schedule (runs already recorded stay in MLflow)."""
-    from pipelines import schedule
+    from pipelines.schedule import schedule
 
     try:
         schedule.remove(schedule_id, store)
@@ -549,7 +549,7 @@ def schedule_export(
     store: StoreOpt = None,
 ) -> None:
     """Print the schedules as crontab lines or systemd units that call `labbook run`."""
-    from pipelines import schedule
+    from pipelines.schedule import schedule
 
     if format_ not in ("crontab", "systemd"):
         raise _fail(f"--format: got {format_!r}; expected crontab or systemd")
@@ -563,7 +563,7 @@ def scheduler(store: StoreOpt = None) -> None:
     """Run due pipelines until SIGTERM or Ctrl-C (a foreground service; see README)."""
     import logging
 
-    from pipelines import schedule
+    from pipelines.schedule import schedule
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # its own lines repeat ours

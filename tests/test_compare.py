@@ -1,4 +1,4 @@
-"""`labbook compare` / `pipelines.compare.compare` on a real SQLite store."""
+"""`labbook compare` / `pipelines.reports.compare.compare` on a real SQLite store."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import tracking
-from pipelines.compare import compare
+from pipelines.reports.compare import compare
+from pipelines.tracking import tracking
 from tests.conftest import labbook
 
 LRS = [0.1, 0.01, 0.001, 0.0001]

@@ -17,8 +17,8 @@ from lightning_modules import build_data, build_model
 from lightning_modules import compression as C
 from lightning_modules.distill import Distill, distillation_loss
 from lightning_modules.interpret import attention_maps, feature_attributions
-from pipelines.spec import PROJECT_ROOT
-from pipelines.trained import resolve_run
+from pipelines.nb.trained import resolve_run
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import labbook
 
 PIPELINE = PROJECT_ROOT / "pipelines" / "digits_compress.yaml"

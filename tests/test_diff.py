@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pipelines import notebook
-from pipelines.diff import diff
-from pipelines.run import run_training
-from pipelines.spec import PROJECT_ROOT, load_spec
+from pipelines.execution import notebook
+from pipelines.execution.run import run_training
+from pipelines.reports.diff import diff
+from pipelines.specs.spec import PROJECT_ROOT, load_spec
 from tests.conftest import labbook
 
 

@@ -15,8 +15,8 @@ import nbformat
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import notebook
-from pipelines.kernel_pool import default_size
+from pipelines.execution import notebook
+from pipelines.kernels.kernel_pool import default_size
 from tests.conftest import LABBOOK
 
 # The pool's own kernels: its zygote's, or cold ones. The kernel server has its own test below.

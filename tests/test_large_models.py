@@ -19,8 +19,8 @@ from lightning.pytorch.loggers import CSVLogger
 from mlflow import MlflowClient
 
 from lightning_modules import build_data, build_model
-from pipelines import in_notebook
-from pipelines.spec import PROJECT_ROOT
+from pipelines.nb import in_notebook
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import labbook
 
 NLP = pytest.mark.skipif(

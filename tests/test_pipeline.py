@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.pipeline_spec import load_pipeline
-from pipelines.spec import PROJECT_ROOT, SpecError
+from pipelines.specs.pipeline_spec import load_pipeline
+from pipelines.specs.spec import PROJECT_ROOT, SpecError
 from tests.conftest import labbook
 
 STEP = "tests/notebooks/step.ipynb"  # divides value by divisor, records `result`
@@ -227,8 +227,8 @@ def test_cli_rejects_a_bad_reference_with_exit_2_and_writes_nothing(tmp_path: Pa
 
 
 def test_from_finds_the_latest_run_of_a_pipeline_whose_name_has_a_quote(store: str, tmp_path: Path) -> None:
-    from pipelines import tracking
-    from pipelines.pipeline import find_pipeline_run
+    from pipelines.pipeline.pipeline import find_pipeline_run
+    from pipelines.tracking import tracking
 
     path = write(tmp_path, {"name": "it's", "steps": [{"name": "only", "kind": "notebook", "notebook": STEP}]})
     pipeline = load_pipeline(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import labbook
 
 

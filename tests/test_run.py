@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from lightning_modules import build_data, model_class
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import labbook
 
 SPECS = PROJECT_ROOT / "pipelines"
@@ -231,7 +231,7 @@ def test_parameters_cell_holds_every_setting_as_plain_assignments() -> None:
 
 
 def _open_store(uri: str, barrier, results) -> None:  # noqa: ANN001 - multiprocessing's own types
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     barrier.wait()  # all at once, on a store none of them has seen
     try:

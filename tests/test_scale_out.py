@@ -29,7 +29,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK
 
 POSTGRES = os.environ.get("LABBOOK_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from croniter import croniter
 
-from pipelines import schedule, tracking
+from pipelines.schedule import schedule
+from pipelines.tracking import tracking
 from tests.conftest import LABBOOK, labbook
 
 STEP = "tests/notebooks/step.ipynb"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.pipeline_spec import load_pipeline
-from pipelines.spec import PROJECT_ROOT, SpecError, load_spec, parse_overrides
+from pipelines.specs.pipeline_spec import load_pipeline
+from pipelines.specs.spec import PROJECT_ROOT, SpecError, load_spec, parse_overrides
 from tests.conftest import labbook
 
 pytestmark = pytest.mark.fast  # no notebook: `make test-fast`
@@ -134,7 +134,7 @@ def test_the_catalog_specs_are_checked_against_describes_the_registered_classes(
 
 def test_reading_a_spec_imports_no_torch_so_bad_input_is_reported_at_once(tmp_path: Path) -> None:
     check = (
-        "import sys\nfrom pipelines.spec import load_spec\n"
+        "import sys\nfrom pipelines.specs.spec import load_spec\n"
         f"load_spec({str(PROJECT_ROOT / 'pipelines' / 'finetune_minilm.yaml')!r}, {{'lr': 0.01}})\n"
         "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'torch was imported'"
     )

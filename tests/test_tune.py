@@ -19,8 +19,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.champion import promote
-from pipelines.spec import PROJECT_ROOT, SpecError, load_spec
+from pipelines.specs.spec import PROJECT_ROOT, SpecError, load_spec
+from pipelines.tracking.champion import promote
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
 
 SPECS = PROJECT_ROOT / "pipelines"
@@ -224,8 +224,8 @@ def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(sto
     of 20 with four workers): the one numbered past the budget runs nothing and costs nothing."""
     from optuna.trial import TrialState
 
-    from pipelines import study as studies
-    from pipelines.tune import TrialFailed, _Worker, create, open_study, progress_line
+    from pipelines.study import study as studies
+    from pipelines.study.tune import TrialFailed, _Worker, create, open_study, progress_line
 
     handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
     study, parent = create(handle)

@@ -11,7 +11,7 @@ import urllib.request
 
 from mlflow import MlflowClient
 
-from pipelines import tracking
+from pipelines.tracking import tracking
 from tests.conftest import LABBOOK
 
 

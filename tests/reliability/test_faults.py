@@ -22,8 +22,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipelines import notebook
-from pipelines.spec import PROJECT_ROOT
+from pipelines.execution import notebook
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
 
 SPECS = PROJECT_ROOT / "pipelines"
@@ -122,7 +122,7 @@ def _bad_spec(tmp_path: Path, edit: str | dict) -> Path:
 
 @pytest.mark.parametrize(("edit", "expected"), BAD_SPECS)
 def test_7_bad_specs_are_one_line_naming_the_file_and_field(tmp_path: Path, edit: str | dict, expected: str) -> None:
-    from pipelines.spec import SpecError, load_spec
+    from pipelines.specs.spec import SpecError, load_spec
 
     with pytest.raises(SpecError) as raised:
         load_spec(_bad_spec(tmp_path, edit))
@@ -243,7 +243,7 @@ def _kernels_under(root: int) -> list[int]:
     for pid in filter(descends, parents):
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"ipykernel" in cmdline or (b"pipelines.kernel_fork" in cmdline and b"--listen" not in cmdline):
+            if b"ipykernel" in cmdline or (b"pipelines.kernels.kernel_fork" in cmdline and b"--listen" not in cmdline):
                 found.append(pid)
     return found
 
@@ -252,7 +252,7 @@ def _kernels_under(root: int) -> list[int]:
 def test_15_fifty_sequential_notebook_runs_leave_no_kernels_files_or_connections(
     store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_server: str | None, no_kernel_server: None
 ) -> None:
-    from pipelines.run import run_notebook
+    from pipelines.execution.run import run_notebook
 
     runtime = tmp_path / "runtime"  # this test's kernels' connection files, apart from other tests'
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
@@ -376,7 +376,7 @@ def test_6_a_crashed_training_resumes_from_its_last_checkpoint_with_the_epoch_co
 def test_6_a_retried_trial_resumes_the_checkpoints_of_the_trial_it_retries(tmp_path: Path) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from pipelines import resume
+    from pipelines.execution import resume
 
     study = optuna.create_study(study_name="s/../x", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     original = study.ask()

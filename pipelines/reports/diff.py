@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines import tracking
-from pipelines.rerun import PROVENANCE, executed_notebook
+from pipelines.execution.rerun import PROVENANCE, executed_notebook
+from pipelines.tracking import tracking
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in captured output (Lightning's rich tables)
 TAGS = {**PROVENANCE, "seed": f"{tracking.TAG_PREFIX}seed", "notebook": f"{tracking.TAG_PREFIX}notebook"}

@@ -12,7 +12,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from pipelines import tracking
+from pipelines.tracking import tracking
 
 
 def resolve_run(ref: str, client: MlflowClient | None = None) -> str:
@@ -52,7 +52,7 @@ def load_trained(run_id: str, destination: Path) -> tuple[Any, Any, dict[str, An
     against the run's data fingerprint, so a variant is never scored on different data.
     """
     from lightning_modules import build_data, model_class
-    from pipelines.rerun import recorded_parameters
+    from pipelines.execution.rerun import recorded_parameters
 
     client = tracking.client()
     _, params = recorded_parameters(run_id)

@@ -18,8 +18,8 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
-from pipelines import tracking
-from pipelines.run import RunResult
+from pipelines.execution.run import RunResult
+from pipelines.tracking import tracking
 
 
 @dataclass(frozen=True)

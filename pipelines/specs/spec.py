@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from lightning_modules import catalog
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
-from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
-from pipelines.tune_spec import TuneSpec
+from pipelines.specs.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines.specs.tune_spec import TuneSpec
 
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
 
@@ -60,7 +60,7 @@ class TrainerSpec(_Strict):
     devices: int | str | list[int] = "auto"
     num_nodes: int = Field(1, ge=1)
     # Lightning's own names: auto, ddp, ddp_spawn, ddp_notebook, fsdp, deepspeed, ... (checked below).
-    # In a notebook, ddp/ddp_spawn/fsdp run through fork (see pipelines.in_notebook.strategy).
+    # In a notebook, ddp/ddp_spawn/fsdp run through fork (see pipelines.nb.in_notebook.strategy).
     strategy: str = "auto"
     precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     seed: int = 42

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from mlflow import MlflowClient
 from rich.console import Console
 
-from pipelines import tracking
-from pipelines.pipeline_spec import (
+from pipelines.execution.run import RunResult, run_notebook
+from pipelines.specs.pipeline_spec import (
     CompressStep,
     ExplainStep,
     NotebookStep,
@@ -33,12 +33,12 @@ from pipelines.pipeline_spec import (
     resolve,
     step_spec_path,
 )
-from pipelines.run import RunResult, run_notebook
-from pipelines.spec_io import PROJECT_ROOT, SpecError
+from pipelines.specs.spec_io import PROJECT_ROOT, SpecError
+from pipelines.tracking import tracking
 
 if TYPE_CHECKING:
-    from pipelines.kernel_pool import KernelPool
-    from pipelines.spec import Spec
+    from pipelines.kernels.kernel_pool import KernelPool
+    from pipelines.specs.spec import Spec
 
 KIND = f"{tracking.TAG_PREFIX}kind"
 PIPELINE_TAG = f"{tracking.TAG_PREFIX}pipeline"
@@ -113,7 +113,7 @@ class _Runner:
             self.console.print(text)
 
     def _spec(self, step: TrainStep | TuneStep, outputs: dict[str, dict[str, Any]]) -> tuple[Spec, Path]:
-        from pipelines.spec import load_spec
+        from pipelines.specs.spec import load_spec
 
         path = step_spec_path(step, self.path)
         spec = load_spec(path, merged_overrides(step.set, outputs))
@@ -125,7 +125,7 @@ class _Runner:
         forked and ready while the step before it runs. None for a single notebook: the pool's
         one-time imports (torch, Lightning, ...) pay back only from the second kernel on."""
         if self._pool is None and self.notebooks >= 2:
-            from pipelines import notebook
+            from pipelines.execution import notebook
 
             self._pool = notebook.warm_kernels(tracking_uri=tracking.tracking_uri(), expected=self.notebooks)
         return self._pool
@@ -150,8 +150,8 @@ class _Runner:
         return result
 
     def train(self, step: TrainStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from pipelines.run import run_training
-        from pipelines.spec import hyperparameters
+        from pipelines.execution.run import run_training
+        from pipelines.specs.spec import hyperparameters
 
         spec, path = self._spec(step, outputs)
         result = run_training(
@@ -172,7 +172,7 @@ class _Runner:
         }
 
     def tune(self, step: TuneStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from pipelines import tune
+        from pipelines.study import tune
 
         spec, path = self._spec(step, outputs)
         # One study per pipeline run (resumed, not restarted, by `--from` on the same run).
@@ -208,7 +208,7 @@ class _Runner:
         return {"run_id": result.run_id, **recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)}
 
     def report(self, step: ReportStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        from pipelines import study as studies
+        from pipelines.study import study as studies
 
         study = resolve(step.study, outputs) if step.study else None
         if study is None:  # the last tune step's study, if the pipeline has one

@@ -7,7 +7,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from pipelines import tracking
+from pipelines.tracking import tracking
 
 CHAMPION = "champion"
 

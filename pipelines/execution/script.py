@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipelines.spec import Spec
+    from pipelines.specs.spec import Spec
 
 
 def notebook_script(spec: Spec, spec_path: Path | None, output: Path, output_dir: str | None = None) -> Path:
@@ -26,7 +26,7 @@ def notebook_script(spec: Spec, spec_path: Path | None, output: Path, output_dir
     import papermill
     from nbconvert import PythonExporter
 
-    from pipelines.notebook import ensure_kernel
+    from pipelines.execution.notebook import ensure_kernel
 
     notebook = spec.notebook_path(spec_path.parent if spec_path else None)
     parameters = {**spec.parameters(), "experiment_name": spec.experiment_name, "run_name": spec.name}

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from nbconvert import HTMLExporter
 
 if TYPE_CHECKING:
-    from pipelines.kernel_pool import KernelPool
+    from pipelines.kernels.kernel_pool import KernelPool
 
 KERNEL_NAME = "labbook"
 
@@ -102,7 +102,7 @@ def execute(
     if kernels is None and _kernel_server_on():
         # One notebook: its kernel is forked by the kernel server, with every core of its share
         # (nothing warms beside it), and shut down after it like any pool's kernel.
-        from pipelines.kernel_pool import KernelPool, default_threads
+        from pipelines.kernels.kernel_pool import KernelPool, default_threads
 
         with KernelPool(1, ensure_kernel(), cwd=cwd, expected=1, threads=default_threads()) as one:
             return execute(notebook, output_dir, parameters, cwd, progress_bar, kernels=one)
@@ -142,7 +142,7 @@ def execute(
 
 
 def _kernel_server_on() -> bool:
-    from pipelines.kernel_pool import kernel_server
+    from pipelines.kernels.kernel_pool import kernel_server
 
     return kernel_server() is not None
 
@@ -159,7 +159,7 @@ def warm_kernels(size: int | None = None, tracking_uri: str | None = None, expec
 
     `expected`: how many notebooks the series will run, where known (the pool warms no more).
     """
-    from pipelines.kernel_pool import KernelPool, default_size
+    from pipelines.kernels.kernel_pool import KernelPool, default_size
 
     size = default_size() if size is None else size
     return KernelPool(size, ensure_kernel(), tracking_uri=tracking_uri, expected=expected)

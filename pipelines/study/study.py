@@ -19,8 +19,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines import tracking
-from pipelines.tune_spec import PrunerSpec, SamplerSpec
+from pipelines.specs.tune_spec import PrunerSpec, SamplerSpec
+from pipelines.tracking import tracking
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
 HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"

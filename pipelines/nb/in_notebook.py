@@ -15,9 +15,9 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
-from pipelines import tracking
-from pipelines.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
-from pipelines.tracking import record_outputs
+from pipelines.specs.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
+from pipelines.tracking import tracking
+from pipelines.tracking.tracking import record_outputs
 
 NOTEBOOK = "notebooks/train.ipynb"
 
@@ -110,8 +110,8 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     import optuna
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from pipelines import study
-    from pipelines.tune_spec import PrunerSpec
+    from pipelines.specs.tune_spec import PrunerSpec
+    from pipelines.study import study
 
     storage = study.storage(params["optuna_storage"])
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)

@@ -1,7 +1,7 @@
 """Reading spec files and reporting their problems in one line: no heavy imports here.
 
 `labbook --help`, the schedule commands and notebook-only pipelines need these without
-paying for torch and Lightning, which `pipelines.spec` imports to check model settings.
+paying for torch and Lightning, which `pipelines.specs.spec` imports to check model settings.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SpecError(ValueError):

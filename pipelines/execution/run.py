@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import notebook, resume, tracking
+from pipelines.execution import notebook, resume
+from pipelines.tracking import tracking
 
 if TYPE_CHECKING:
-    from pipelines.kernel_pool import KernelPool
-    from pipelines.spec import Spec
+    from pipelines.kernels.kernel_pool import KernelPool
+    from pipelines.specs.spec import Spec
 
 
 @dataclass(frozen=True)

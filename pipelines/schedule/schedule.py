@@ -35,8 +35,8 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from croniter import croniter
 
-from pipelines import tracking
-from pipelines.spec_io import SpecError
+from pipelines.specs.spec_io import SpecError
+from pipelines.tracking import tracking
 
 STORE_ENV = "LABBOOK_SCHEDULER_DB"
 TABLE = "labbook_schedules"

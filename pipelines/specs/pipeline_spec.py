@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 if TYPE_CHECKING:
-    from pipelines.spec import Spec
+    from pipelines.specs.spec import Spec
 
-from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines.specs.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
 STEP_NAME = r"^[A-Za-z_][\w-]*$"
@@ -246,7 +246,7 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
     """Load the step's own spec or notebook now, so a typo there also stops the pipeline up front."""
     where = f"{path}: steps.{step.name}"
     if isinstance(step, TrainStep | TuneStep):
-        from pipelines.spec import load_spec  # torch and Lightning: only for steps that train
+        from pipelines.specs.spec import load_spec  # torch and Lightning: only for steps that train
 
         spec_path = step_spec_path(step, path)
         try:

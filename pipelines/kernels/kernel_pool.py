@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jupyter_client import KernelManager
 
-from pipelines.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
+from pipelines.kernels.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
 from pipelines.launch import fork_enabled, server_path
 
 # What every training notebook imports first; imported in the warm kernel before it is handed out.
@@ -41,7 +41,7 @@ WARM_MODULES = (
     "matplotlib.pyplot",
     "sklearn.metrics",
     "lightning_modules.registry",  # the package itself imports its models lazily
-    "pipelines.in_notebook",
+    "pipelines.nb.in_notebook",
     "mlflow.pytorch",
 )
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
@@ -115,7 +115,7 @@ def warm_up(tracking_uri: str | None = None, caches: bool = True) -> None:
         if tracking_uri:
             # Opening the store (engine, schema check) costs 0.6-1.6 s; MLflow caches it per process.
             # Never in a zygote: its kernels would share one forked database connection.
-            store = importlib.import_module("pipelines.tracking").client(tracking_uri)._tracking_client.store
+            store = importlib.import_module("pipelines.tracking.tracking").client(tracking_uri)._tracking_client.store
             del store
 
 
@@ -141,7 +141,9 @@ def _fill_caches() -> None:
 
 
 def _warm_code(tracking_uri: str | None, caches: bool) -> str:
-    return f"__import__('importlib').import_module('pipelines.kernel_pool').warm_up({tracking_uri!r}, {caches!r})"
+    return (
+        f"__import__('importlib').import_module('pipelines.kernels.kernel_pool').warm_up({tracking_uri!r}, {caches!r})"
+    )
 
 
 def _pid(km: KernelManager) -> int | None:

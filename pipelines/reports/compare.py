@@ -1,6 +1,6 @@
 """Compare runs as a pandas DataFrame built from `mlflow.search_runs`.
 
-Importable for notebooks (`from pipelines.compare import compare`) and behind
+Importable for notebooks (`from pipelines.reports.compare import compare`) and behind
 `labbook compare`. One row per run: run id and name, state, duration, every parameter and
 final metric under its own name (`lr`, `val_acc`), sorted by the metric you name.
 """
@@ -12,7 +12,7 @@ from typing import Literal
 import mlflow
 import pandas as pd
 
-from pipelines import tracking
+from pipelines.tracking import tracking
 
 Format = Literal["table", "csv", "markdown", "html"]
 LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "error")

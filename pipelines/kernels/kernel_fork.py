@@ -48,11 +48,11 @@ COMMAND_MODULES = (
     "rich.table",
     "papermill",
     "nbconvert",
-    "pipelines.run",
-    "pipelines.tune",
-    "pipelines.pipeline",
-    "pipelines.compare",
-    "pipelines.schedule",
+    "pipelines.execution.run",
+    "pipelines.study.tune",
+    "pipelines.pipeline.pipeline",
+    "pipelines.reports.compare",
+    "pipelines.schedule.schedule",
 )
 
 
@@ -77,7 +77,7 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
         from pipelines.launch import quiet_defaults
 
         quiet_defaults()  # as every command sets before its imports: its forked commands inherit them
-    from pipelines.kernel_pool import warm_up
+    from pipelines.kernels.kernel_pool import warm_up
 
     warm_up()
     for name in (*preload, *(COMMAND_MODULES if listen else ())):
@@ -389,7 +389,7 @@ class Zygote:
         self._lock = threading.Lock()
         self._pending = b""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.kernel_fork"],
+            [sys.executable, "-m", "pipelines.kernels.kernel_fork"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -558,7 +558,7 @@ class RemoteZygote:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.kernel_fork")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.kernels.kernel_fork")
     parser.add_argument("--listen", help="also take requests on this Unix socket (a kernel server)")
     parser.add_argument("--preload", action="append", default=[], help="a module to import once, too")
     parser.add_argument("--parent", type=int, help="exit when this process does")

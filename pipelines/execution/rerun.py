@@ -16,9 +16,9 @@ import nbformat
 import pandas as pd
 from mlflow import MlflowClient
 
-from pipelines import tracking
-from pipelines.run import RunResult, run_notebook
-from pipelines.spec import PROJECT_ROOT, TRACKING_PARAMETERS
+from pipelines.execution.run import RunResult, run_notebook
+from pipelines.specs.spec import PROJECT_ROOT, TRACKING_PARAMETERS
+from pipelines.tracking import tracking
 
 PROVENANCE = {
     "git commit": tracking.GIT_COMMIT_TAG,

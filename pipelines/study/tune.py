@@ -27,15 +27,16 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
-from pipelines import notebook, resume, tracking
-from pipelines import study as studies
+from pipelines.execution import notebook, resume
+from pipelines.execution.run import run_training
 from pipelines.launch import ENV_PID
-from pipelines.run import run_training
-from pipelines.spec import Spec, SpecError
-from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
+from pipelines.specs.spec import Spec, SpecError
+from pipelines.specs.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
+from pipelines.study import study as studies
+from pipelines.tracking import tracking
 
 if TYPE_CHECKING:
-    from pipelines.kernel_pool import KernelPool
+    from pipelines.kernels.kernel_pool import KernelPool
 
 TRIAL_STATE_TAG = f"{tracking.TAG_PREFIX}trial_state"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -460,7 +461,7 @@ def tune(
 
 def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console | None) -> None:
     """Execute notebooks/report.ipynb for the study and attach it (ipynb, HTML, plots) to the parent."""
-    from pipelines import notebook
+    from pipelines.execution import notebook
 
     uri = tracking.tracking_uri()
     executed = notebook.execute(
@@ -506,7 +507,7 @@ def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool =
     by_mean = study.user_attrs.get("best_by_mean")
     candidate = (by_mean["run_id"], by_mean["mean"]) if by_mean else (result.best_run_id, result.best_value)
     if register and candidate[0] is not None:
-        from pipelines.champion import promote
+        from pipelines.tracking.champion import promote
 
         result.champion = promote(
             handle.spec.name, candidate[0], handle.tune.metric, handle.tune.direction, candidate[1]
@@ -515,8 +516,8 @@ def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool =
 
 
 def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: int, console: Console | None) -> None:
-    """Re-run the top-k configurations with `n_seeds` fresh seeds each (see `pipelines.confirm`)."""
-    from pipelines import confirm
+    """Re-run the top-k configurations with `n_seeds` fresh seeds each (see `pipelines.study.confirm`)."""
+    from pipelines.study import confirm
 
     study = handle.load(heartbeat=False)
     tune = handle.tune

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines import tracking
+from pipelines.tracking import tracking
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial

@@ -1,0 +1,1 @@
+"""pipelines/execution/: see pipelines/__init__.py."""

@@ -1,0 +1,1 @@
+"""pipelines/kernels/: see pipelines/__init__.py."""

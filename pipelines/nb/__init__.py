@@ -1,0 +1,1 @@
+"""pipelines/nb/: see pipelines/__init__.py."""

@@ -1,0 +1,1 @@
+"""pipelines/pipeline/: see pipelines/__init__.py."""

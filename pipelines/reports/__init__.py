@@ -1,0 +1,1 @@
+"""pipelines/reports/: see pipelines/__init__.py."""

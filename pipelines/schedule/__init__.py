@@ -1,0 +1,1 @@
+"""pipelines/schedule/: see pipelines/__init__.py."""

@@ -1,0 +1,1 @@
+"""pipelines/specs/: see pipelines/__init__.py."""

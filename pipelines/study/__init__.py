@@ -1,0 +1,1 @@
+"""pipelines/study/: see pipelines/__init__.py."""

@@ -1,0 +1,1 @@
+"""pipelines/tracking/: see pipelines/__init__.py."""
