@@ -3,7 +3,7 @@
 Importing the classes means importing torch and Lightning, seconds on a laptop; every `labbook`
 command would pay that before reading its spec, and a typo took 5 s to report. So each
 registered class's settings (name → type), task, kind of input and metrics are written once to
-`catalog.json` by `python -m lightning_modules.catalog`, from the classes themselves, and read
+`catalog.json` by `python -m lightning_modules.registry`, from the classes themselves, and read
 here without importing torch. `tests/test_spec.py` fails when the file and the classes disagree.
 This module imports nothing from torch, Lightning or the rest of this package.
 """
@@ -14,7 +14,7 @@ import functools
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -108,9 +108,11 @@ def type_source(tp: Any) -> str:
     return name if name in _TYPE_NAMES and _TYPE_NAMES[name] is tp else "Any"
 
 
-def build() -> dict[str, dict[str, dict[str, Any]]]:
-    """The catalog, from the registry's classes (this imports torch and Lightning)."""
-    from lightning_modules.registry import DATA, MODELS, init_parameters
+def build(
+    models: Mapping[str, type], data: Mapping[str, type], init_parameters: Callable[[type], Mapping[str, Any]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The catalog of the registry's classes (`registry.MODELS`, `registry.DATA`, and how it reads
+    a class's settings): handed in by `lightning_modules.registry`, which this module never imports."""
 
     def describe(cls: type) -> dict[str, Any]:
         hints: dict[str, Any] = {}
@@ -128,11 +130,12 @@ def build() -> dict[str, dict[str, dict[str, Any]]]:
         return {k: v for k, v in fields.items() if v not in (None, [])}  # Entry's defaults
 
     return {
-        "model": {name: describe(cls) for name, cls in MODELS.items()},
-        "data": {name: describe(cls) for name, cls in DATA.items()},
+        "model": {name: describe(cls) for name, cls in models.items()},
+        "data": {name: describe(cls) for name, cls in data.items()},
     }
 
 
-if __name__ == "__main__":  # python -m lightning_modules.catalog: rewrite catalog.json from the classes
-    CATALOG.write_text(json.dumps(build(), indent=2) + "\n")
-    print(f"wrote {CATALOG}")
+def write(built: dict[str, dict[str, dict[str, Any]]]) -> Path:
+    """Rewrite catalog.json (`python -m lightning_modules.registry` does, from the classes)."""
+    CATALOG.write_text(json.dumps(built, indent=2) + "\n")
+    return CATALOG

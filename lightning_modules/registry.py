@@ -36,7 +36,7 @@ DATA: dict[str, type[SplitDataModule]] = {
     "docstrings": DocstringsDataModule,  # needs the `nlp` extra when built
 }
 # Specs are checked against catalog.json, which describes these classes without importing torch:
-# after adding or changing one, `python -m lightning_modules.catalog` rewrites it.
+# after adding or changing one, `python -m lightning_modules.registry` rewrites it.
 
 
 def _lookup(kind: str, name: str, table: Mapping[str, type]) -> type:
@@ -97,3 +97,7 @@ def build_model(params: Mapping[str, Any], datamodule: SplitDataModule) -> Train
             value = getattr(datamodule, name)
             kwargs[name] = tuple(value) if name == "input_shape" else value
     return cls(**kwargs)
+
+
+if __name__ == "__main__":  # python -m lightning_modules.registry: rewrite catalog.json from the classes
+    print(f"wrote {catalog.write(catalog.build(MODELS, DATA, init_parameters))}")

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipelines.errors import TrackingUnavailable
-from pipelines.launch import quiet_defaults
+from pipelines.kernels.env import quiet_defaults
 from pipelines.specs.spec_io import SpecError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
+COMMANDS = "pipelines.cli:app"  # what a kernel server runs for a forked `labbook` command
 
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML), e.g. pipelines/digits_mlp.yaml.")]
 SetOpt = Annotated[
@@ -475,7 +476,7 @@ def kernel_server(
     path.parent.mkdir(parents=True, exist_ok=True)
     out.print(f"kernel server on {path}  (Ctrl-C to stop)")
     out.print(f"use it: export LABBOOK_KERNEL_SERVER={path}")
-    command = [sys.executable, "-m", "pipelines.kernels.kernel_fork", "--listen", str(path)]
+    command = [sys.executable, "-m", "pipelines.kernels.kernel_fork", "--listen", str(path), "--commands", COMMANDS]
     command += [a for module in preload or [] for a in ("--preload", module)]
     _serve(command, dict(os.environ))
 

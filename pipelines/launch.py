@@ -9,7 +9,9 @@ process waits, forwards Ctrl-C and SIGTERM, and exits with the command's status.
 process dies (`kill -9` included), the command is killed too. No server, a refusing or stale
 one, or LABBOOK_FORK_KERNELS=0: the command runs here, as it always did.
 
-Only the standard library is imported here: this module is what every command starts with.
+Only the standard library is imported here (and `pipelines.kernels.env`, which imports no more):
+this module is what every command starts with. It is the one module besides the CLI's own
+package that imports the CLI (`pipelines.cli`); nothing imports this module back.
 Written by hand because nailgun-style forking servers exist for the JVM, not for Python CLIs.
 """
 
@@ -21,49 +23,11 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
-ENV_SERVER = "LABBOOK_KERNEL_SERVER"
-ENV_FORK = "LABBOOK_FORK_KERNELS"
-ENV_PID = "LABBOOK_COMMAND_PID"  # the pid the user started: what a forked command calls itself
+from pipelines.kernels.env import ENV_PID, interpreter, server_path
+
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 NOT_FORKED = ("kernel-server",)  # the server itself; a command that starts one must not ask one
-
-
-def quiet_defaults() -> None:
-    """Process-wide settings of every labbook command, made before MLflow and nbformat are imported
-    (in a kernel server too, so that its forked commands start with them). A user's own setting wins."""
-    # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a CLI.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobytes are noise
-    # nbformat (papermill's notebook reader) imports jsonschema, which imports `rfc3987_syntax` when
-    # installed (jupyter-events installs it) only to offer an "iri" format check, and that import
-    # builds a Lark grammar: 1.0-1.8 s of every command's start, measured with -X importtime.
-    # Format checks are off unless asked for, and nothing here asks: a None entry makes that one
-    # optional import fail, so jsonschema goes without the check in this process.
-    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
-
-
-def fork_enabled() -> bool:
-    """`LABBOOK_FORK_KERNELS` (default 1): fork kernels (and commands) from one warm process."""
-    raw = os.environ.get(ENV_FORK, "1").strip().lower()
-    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise ValueError(f"{ENV_FORK}={raw!r}: expected 1 or 0")
-    return raw in ("1", "true", "yes", "")
-
-
-def server_path() -> str | None:
-    """The kernel server's socket (LABBOOK_KERNEL_SERVER) when it exists and forking is on."""
-    path = os.environ.get(ENV_SERVER, "").strip()
-    if not path or not fork_enabled() or not Path(path).is_socket():
-        return None
-    return path
-
-
-def interpreter() -> str:
-    """This Python, as a kernel server compares it: `.venv/bin/python` and the `python3.11` of a
-    console script are the same interpreter, the same file outside the environment is not."""
-    return f"{os.path.realpath(sys.executable)} in {sys.prefix}"
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ def kernel_server() -> Iterator[str | None]:
     folder = tempfile.mkdtemp(prefix="labbook-kernels-")  # short: a Unix socket path has ~100 bytes
     path = os.path.join(folder, "kernels.sock")
     command = [sys.executable, "-m", "pipelines.kernels.kernel_fork", "--listen", path, "--parent", str(os.getpid())]
+    command += ["--commands", "pipelines.cli:app"]  # it forks `labbook` commands too
     with open(os.path.join(folder, "server.log"), "w") as log:
         server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     # Wait for it: tests started meanwhile would import in their own processes what it is

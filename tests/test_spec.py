@@ -121,8 +121,8 @@ def test_the_catalog_specs_are_checked_against_describes_the_registered_classes(
 
     from lightning_modules import DATA, MODELS, catalog, init_parameters
 
-    fresh = catalog.build()
-    assert fresh == json.loads(catalog.CATALOG.read_text()), "stale: run `python -m lightning_modules.catalog`"
+    fresh = catalog.build(MODELS, DATA, init_parameters)
+    assert fresh == json.loads(catalog.CATALOG.read_text()), "stale: run `python -m lightning_modules.registry`"
     for kind, table in (("model", MODELS), ("data", DATA)):
         for name, cls in table.items():
             entry = catalog.entry(kind, name)

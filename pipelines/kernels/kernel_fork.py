@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import os
+import pkgutil
 import selectors
 import signal
 import socket
@@ -36,13 +37,13 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
-from pipelines.launch import interpreter
+from pipelines.kernels.env import interpreter
 
 LAUNCHER = "ipykernel_launcher"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # What `labbook` commands import beyond a kernel's modules, imported once by a kernel server so
-# that the commands it forks (launch.py) start at once. `pipelines.cli` itself is imported by each
-# command: its consoles look at the command's own terminal.
+# that the commands it forks (launch.py) start at once. The command line itself (`--commands`,
+# `pipelines.cli:app`) is imported by each command: its consoles look at the command's own terminal.
 COMMAND_MODULES = (
     "typer",
     "rich.table",
@@ -59,7 +60,9 @@ COMMAND_MODULES = (
 # --- in the zygote ----------------------------------------------------------------------------
 
 
-def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int | None = None) -> None:
+def serve(
+    listen: str | None = None, preload: tuple[str, ...] = (), parent: int | None = None, commands: str | None = None
+) -> None:
     """The zygote: import once, then fork a kernel for every request.
 
     Requests are JSON lines (`args`, `cwd`, `env`); each reply is the kernel's pid. A pool's
@@ -67,6 +70,9 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
     it closes its pool or dies. A kernel server (`listen`, `labbook kernel-server`) takes them on
     a Unix socket instead, one per connection, from any labbook process of this user on this
     machine; it exits when `parent` does, on SIGTERM/Ctrl-C, or when its own code was edited.
+    `commands` ("module:object", the CLI's `pipelines.cli:app`) is what a forked `labbook` command
+    runs; a server given none refuses commands (their clients run them themselves). It is named,
+    not imported, here: the CLI imports this module, never the other way round.
     """
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what a kernel prints before ipykernel captures it goes to stderr, not the replies
@@ -74,10 +80,10 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
         del sys.path[0]  # as ipykernel_launcher does: a kernel's path gets its own cwd back from IPython
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # exited kernels are reaped by the system: no zombies
     if listen:
-        from pipelines.launch import quiet_defaults
+        from pipelines.kernels.env import quiet_defaults
 
         quiet_defaults()  # as every command sets before its imports: its forked commands inherit them
-    from pipelines.kernels.kernel_pool import warm_up
+    from pipelines.kernels.warm import warm_up
 
     warm_up()
     for name in (*preload, *(COMMAND_MODULES if listen else ())):
@@ -113,7 +119,7 @@ def serve(listen: str | None = None, preload: tuple[str, ...] = (), parent: int 
                     replies.write(f"{pid}\n")
                 else:
                     assert server is not None
-                    if not _answer(server, sources, replies):
+                    if not _answer(server, sources, replies, commands):
                         return
             if parent is not None and not _running(parent):
                 return
@@ -148,7 +154,7 @@ def _stale(sources: dict[str, int]) -> str | None:
     return None
 
 
-def _answer(server: socket.socket, sources: dict[str, int], replies) -> bool:
+def _answer(server: socket.socket, sources: dict[str, int], replies, commands: str | None = None) -> bool:
     """Fork a kernel, or a command, for one socket request; False when the server must stop (its code changed)."""
     connection, _ = server.accept()
     fds: list[int] = []
@@ -171,7 +177,10 @@ def _answer(server: socket.socket, sources: dict[str, int], replies) -> bool:
                 connection.sendall(f"stale: {edited}\n".encode())
                 return False
             if "command" in request:
-                _fork_command(request, fds, connection, [replies, server])
+                if not commands:
+                    connection.sendall(b"refused: this server forks kernels only\n")
+                    return True
+                _fork_command(request, fds, connection, [replies, server], commands)
                 return True
             pid = _fork(request, [replies, server, connection])
             connection.sendall(f"{pid}\n".encode())
@@ -260,7 +269,9 @@ def _exit_without(pid: int) -> None:
     os._exit(1)
 
 
-def _fork_command(request: dict[str, Any], fds: list[int], connection: socket.socket, close: list) -> None:
+def _fork_command(
+    request: dict[str, Any], fds: list[int], connection: socket.socket, close: list, commands: str
+) -> None:
     """A `labbook` command forked for a client (launch.py), under a supervisor that reports its end.
 
     The supervisor (a fork of the zygote) forks the command, tells the client its pid, and waits:
@@ -279,7 +290,7 @@ def _fork_command(request: dict[str, Any], fds: list[int], connection: socket.so
         pid = os.fork()
         if pid == 0:
             connection.close()
-            _become_command(request, fds)
+            _become_command(request, fds, commands)
         _close(fds)
         connection.settimeout(None)
         connection.sendall(f"pid {pid}\n".encode())
@@ -311,11 +322,11 @@ def _supervise(pid: int, connection: socket.socket) -> int:
                 events.unregister(connection)
 
 
-def _become_command(request: dict[str, Any], fds: list[int]) -> None:
+def _become_command(request: dict[str, Any], fds: list[int], commands: str) -> None:
     """In the forked child: `labbook <command>` with the client's cwd, environment and stdio. Never returns."""
     code = 1
     try:
-        code = _status(lambda: _run_command(request, fds))
+        code = _status(lambda: _run_command(request, fds, commands))
     finally:
         # What the interpreter does on exit (its threads joined, atexit handlers run), short of
         # tearing down the modules the zygote imported: pyzmq's teardown can hang (see main()).
@@ -331,7 +342,7 @@ def _become_command(request: dict[str, Any], fds: list[int]) -> None:
         os._exit(code)
 
 
-def _run_command(request: dict[str, Any], fds: list[int]) -> None:
+def _run_command(request: dict[str, Any], fds: list[int], commands: str) -> None:
     os.setpgid(0, 0)  # its own process group: the supervisor kills it with everything it started
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
@@ -350,9 +361,7 @@ def _run_command(request: dict[str, Any], fds: list[int]) -> None:
         matplotlib.rcParams["backend"] = os.environ["MPLBACKEND"]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["labbook", *request["command"]]
-    from pipelines.cli import app
-
-    app()
+    pkgutil.resolve_name(commands)()
 
 
 def _status(work: Callable[[], object]) -> int:
@@ -562,10 +571,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", help="also take requests on this Unix socket (a kernel server)")
     parser.add_argument("--preload", action="append", default=[], help="a module to import once, too")
     parser.add_argument("--parent", type=int, help="exit when this process does")
+    parser.add_argument("--commands", help="module:object that runs a forked `labbook` command (pipelines.cli:app)")
     options = parser.parse_args(argv)
     code = 1
     try:
-        code = _status(lambda: serve(options.listen, tuple(options.preload), options.parent))  # SIGTERM: 0
+        code = _status(
+            lambda: serve(options.listen, tuple(options.preload), options.parent, options.commands)
+        )  # SIGTERM: 0
     finally:
         # Leave without the interpreter's exit handlers: pyzmq's wait for sockets that the
         # imported modules hold kept a stopped server alive, orphaned, holding ~500 MB.

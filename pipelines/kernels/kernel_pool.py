@@ -27,23 +27,10 @@ from pathlib import Path
 
 from jupyter_client import KernelManager
 
+from pipelines.kernels.env import fork_enabled, server_path
 from pipelines.kernels.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
-from pipelines.launch import fork_enabled, server_path
+from pipelines.kernels.warm import warm_code
 
-# What every training notebook imports first; imported in the warm kernel before it is handed out.
-WARM_MODULES = (
-    "torch",
-    "lightning.pytorch",
-    "mlflow",
-    "optuna",
-    "optuna_integration",
-    "pandas",
-    "matplotlib.pyplot",
-    "sklearn.metrics",
-    "lightning_modules.registry",  # the package itself imports its models lazily
-    "pipelines.nb.in_notebook",
-    "mlflow.pytorch",
-)
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
 
 
@@ -96,54 +83,6 @@ def _set_policy(pid: int | None, policy: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
-
-
-def warm_up(tracking_uri: str | None = None, caches: bool = True) -> None:
-    """Runs inside a pool kernel before it is handed out: everything a trial would pay for first.
-
-    Only process-wide caches are filled (modules, the tracking store, fonts, MLflow's first
-    model save); the kernel's user namespace stays empty for the notebook. A kernel forked from
-    a zygote has the modules and caches already (`caches=False`): only its store is its own.
-    """
-    import importlib
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if caches:
-            _fill_caches()
-        if tracking_uri:
-            # Opening the store (engine, schema check) costs 0.6-1.6 s; MLflow caches it per process.
-            # Never in a zygote: its kernels would share one forked database connection.
-            store = importlib.import_module("pipelines.tracking.tracking").client(tracking_uri)._tracking_client.store
-            del store
-
-
-def _fill_caches() -> None:
-    """Import what every trial imports, and load what its first plot and first model save load."""
-    import importlib
-    import io
-    import tempfile
-
-    for name in WARM_MODULES:
-        importlib.import_module(name)
-    import mlflow.pytorch
-    import torch
-    from matplotlib.figure import Figure
-
-    figure = Figure()
-    figure.add_subplot().plot([0, 1], label="warm")
-    figure.savefig(io.BytesIO(), format="png")  # the font cache and Agg, loaded once
-    with tempfile.TemporaryDirectory() as folder:  # MLflow's first model save costs ~0.6 s
-        mlflow.pytorch.save_model(
-            torch.nn.Linear(2, 1), f"{folder}/model", input_example=torch.ones(1, 2).numpy(), pip_requirements=[]
-        )
-
-
-def _warm_code(tracking_uri: str | None, caches: bool) -> str:
-    return (
-        f"__import__('importlib').import_module('pipelines.kernels.kernel_pool').warm_up({tracking_uri!r}, {caches!r})"
-    )
 
 
 def _pid(km: KernelManager) -> int | None:
@@ -236,7 +175,7 @@ class KernelPool:
         try:
             client.wait_for_ready(timeout=120)
             forked = isinstance(getattr(km.provisioner, "process", None), ForkedProcess)
-            code = _warm_code(self.tracking_uri, caches=not forked)
+            code = warm_code(self.tracking_uri, caches=not forked)
             reply = client.execute_interactive(code, silent=True, store_history=False, timeout=300)
             if reply["content"]["status"] != "ok":
                 content = reply["content"]

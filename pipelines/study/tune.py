@@ -29,7 +29,7 @@ from rich.table import Table
 
 from pipelines.execution import notebook, resume
 from pipelines.execution.run import run_training
-from pipelines.launch import ENV_PID
+from pipelines.kernels.env import ENV_PID
 from pipelines.specs.spec import Spec, SpecError
 from pipelines.specs.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
 from pipelines.study import study as studies
