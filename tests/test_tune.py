@@ -226,6 +226,7 @@ def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(sto
 
     from pipelines.study import study as studies
     from pipelines.study.tune import TrialFailed, _Worker, create, open_study, progress_line
+    from pipelines.tracking.tags import Attr
 
     handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
     study, parent = create(handle)
@@ -235,8 +236,8 @@ def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(sto
         worker.objective(late)
     study.tell(late, state=TrialState.FAIL)  # what study.optimize does with TrialFailed
     frozen = study.trials[late.number]
-    assert frozen.user_attrs[studies.OVER_BUDGET_ATTR] is True and not frozen.params  # nothing sampled, no run
-    assert studies.RUN_ID_ATTR not in frozen.user_attrs
+    assert frozen.user_attrs[Attr.OVER_BUDGET] is True and not frozen.params  # nothing sampled, no run
+    assert Attr.RUN_ID not in frozen.user_attrs
     assert studies.budget_used(study.trials) == 2  # the two earlier trials, still running, are the budget
     assert progress_line(study, handle).startswith("trial 0/2 · 0 complete, 0 pruned, 0 failed, 2 running")
     # Once the first fails by its own doing, still no room: failed trials count, unrun ones do not.

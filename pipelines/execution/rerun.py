@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import nbformat
 import pandas as pd
-from mlflow import MlflowClient
 
 from pipelines.execution.run import RunResult, run_notebook
-from pipelines.specs.spec import PROJECT_ROOT, TRACKING_PARAMETERS
+from pipelines.specs.spec import TRACKING_PARAMETERS
 from pipelines.tracking import tracking
-
-PROVENANCE = {
-    "git commit": tracking.GIT_COMMIT_TAG,
-    "dirty tree": f"{tracking.TAG_PREFIX}git_dirty",
-    "data fingerprint": f"{tracking.TAG_PREFIX}data_fingerprint",
-    "torch": f"{tracking.TAG_PREFIX}torch_version",
-    "lightning": f"{tracking.TAG_PREFIX}lightning_version",
-    "mlflow": f"{tracking.TAG_PREFIX}mlflow_version",
-    "python": f"{tracking.TAG_PREFIX}python_version",
-}
+from pipelines.tracking.records import PROVENANCE, executed_notebook, recorded_parameters  # noqa: F401
+from pipelines.tracking.tags import Tag
 
 
 @dataclass
@@ -38,29 +27,6 @@ class Rerun:
     metrics: pd.DataFrame  # metric, old, new, diff
     changed: dict[str, tuple[str, str]] = field(default_factory=dict)  # provenance name: (old, new)
     verdict: str = "exact"  # exact | within tolerance | differs | failed
-
-
-def executed_notebook(client: MlflowClient, run_id: str) -> nbformat.NotebookNode:
-    """The executed notebook attached to a run (`notebook/*.ipynb`)."""
-    executed = [a.path for a in client.list_artifacts(run_id, "notebook") if a.path.endswith(".ipynb")]
-    if not executed:
-        raise ValueError(f"run {run_id} has no executed notebook recorded: it was not made by labbook")
-    return nbformat.read(client.download_artifacts(run_id, executed[0]), as_version=4)
-
-
-def recorded_parameters(run_id: str) -> tuple[Path, dict]:
-    """The notebook and the parameters papermill injected into it, from the run's executed copy."""
-    client = tracking.client()
-    run = client.get_run(run_id)
-    notebook_tag = run.data.tags.get(f"{tracking.TAG_PREFIX}notebook")
-    if not notebook_tag:
-        raise ValueError(f"run {run_id} has no executed notebook recorded: it was not made by labbook")
-    copy = executed_notebook(client, run_id)
-    params = dict(copy.metadata.get("papermill", {}).get("parameters", {}))
-    if not params:
-        raise ValueError(f"run {run_id}: its executed notebook records no parameters")
-    source = Path(notebook_tag)
-    return (source if source.is_absolute() else PROJECT_ROOT / source), params
 
 
 def rerun(run_id: str, tolerance: float = 0.0) -> Rerun:
@@ -75,7 +41,7 @@ def rerun(run_id: str, tolerance: float = 0.0) -> Rerun:
         params,
         experiment,
         run_name=f"rerun-of-{old.info.run_name or run_id[:8]}",
-        tags={f"{tracking.TAG_PREFIX}rerun_of": run_id},
+        tags={Tag.RERUN_OF: run_id},
     )
     new = client.get_run(result.run_id)
     changed = {
@@ -97,9 +63,9 @@ def rerun(run_id: str, tolerance: float = 0.0) -> Rerun:
         verdict = "within tolerance"
     else:
         verdict = "differs"
-    client.set_tag(result.run_id, f"{tracking.TAG_PREFIX}rerun_verdict", verdict)
+    client.set_tag(result.run_id, Tag.RERUN_VERDICT, verdict)
     if changed:
-        client.set_tag(result.run_id, f"{tracking.TAG_PREFIX}rerun_changed", json.dumps(changed))
+        client.set_tag(result.run_id, Tag.RERUN_CHANGED, json.dumps(changed))
     return Rerun(run_id, result, metrics, changed, verdict)
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.execution import notebook, resume
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
     from pipelines.kernels.kernel_pool import KernelPool
@@ -42,9 +43,9 @@ def run_training(
     With `trainer.ckpt_path: last`, checkpoints go to the folder of `resume_key` (by default,
     the experiment, spec and settings), where a crashed attempt's last checkpoint is resumed from.
     """
-    tags = {f"{tracking.TAG_PREFIX}spec": spec.name, **(extra_tags or {})}
+    tags = {Tag.SPEC: spec.name, **(extra_tags or {})}
     if spec_path is not None:
-        tags[f"{tracking.TAG_PREFIX}spec_path"] = str(spec_path)
+        tags[Tag.SPEC_PATH] = str(spec_path)
     settings = spec.parameters()
     params = {**settings, **(extra_parameters or {})}
     resumable = None
@@ -118,7 +119,7 @@ def run_notebook(
         error = f"{error}; {attached}" if error else attached
     pruned = executed.pruned and error == executed.error
     if pruned:
-        mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}pruned", executed.error)
+        mlflow.set_tag(run_id, Tag.PRUNED, executed.error)
         tracking.finish_run(mlflow, run_id)
     else:
         tracking.finish_run(mlflow, run_id, error)

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers.logger import DummyLogger
 
 from pipelines.specs.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Attr, Tag
 from pipelines.tracking.tracking import record_outputs
 
 NOTEBOOK = "notebooks/train.ipynb"
@@ -57,7 +58,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
         return _OtherRankLogger()
     uri = params.get("tracking_uri") or tracking.tracking_uri()
     client = tracking.client(uri)
-    tags = {f"{tracking.TAG_PREFIX}python_executable": sys.executable}
+    tags = {Tag.PYTHON_EXECUTABLE: sys.executable}
     run_id = params.get("run_id")
     if not run_id:  # run by plain papermill: nobody recorded provenance yet
         tags |= tracking.provenance_tags(params.get("seed"), NOTEBOOK)
@@ -115,7 +116,7 @@ def pruning_callback(params: dict[str, Any]) -> Any:
 
     storage = study.storage(params["optuna_storage"])
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
-    loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get("pruner", {})))
+    loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})))
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
     return PyTorchLightningPruningCallback(optuna.trial.Trial(loaded, trial_id), monitor=params["monitor"])
 
@@ -136,38 +137,10 @@ def strategy(name: str) -> Any:
     if name in ("ddp", "ddp_spawn"):
         return "ddp_notebook"
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-        # Lightning ships no fork-launched FSDP; this is `ddp_notebook`'s launcher on FSDP.
-        class NotebookFSDP(FSDPStrategy):
-            def _configure_launcher(self) -> None:
-                self._launcher = _MultiProcessingLauncher(self, start_method="fork")
+        from lightning_modules.strategies import NotebookFSDP
 
         return NotebookFSDP()
     return name
-
-
-def _non_finite_loss_callback() -> Any:
-    """Stop at the first NaN/inf training loss, naming the epoch and step, instead of training on.
-
-    Lightning has no built-in for this (`EarlyStopping(check_finite=True)` looks at a validation
-    metric once per epoch; `detect_anomaly` is slow): one `isfinite` per step is.
-    """
-    import math
-
-    from lightning.pytorch.callbacks import Callback
-
-    class StopOnNonFiniteLoss(Callback):
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if loss is not None and not math.isfinite(float(loss)):
-                raise FloatingPointError(
-                    f"non-finite loss ({float(loss)}) at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                    "lower the learning rate or clip gradients"
-                )
-
-    return StopOnNonFiniteLoss()
 
 
 def _resume_callback() -> Any:
@@ -178,8 +151,8 @@ def _resume_callback() -> Any:
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if trainer.ckpt_path and is_rank_zero() and getattr(trainer.logger, "run_id", None):
                 client, run_id = trainer.logger.experiment, trainer.logger.run_id
-                client.set_tag(run_id, f"{tracking.TAG_PREFIX}resumed_from", str(trainer.ckpt_path))
-                client.set_tag(run_id, f"{tracking.TAG_PREFIX}resumed_at_epoch", str(trainer.current_epoch))
+                client.set_tag(run_id, Tag.RESUMED_FROM, str(trainer.ckpt_path))
+                client.set_tag(run_id, Tag.RESUMED_AT_EPOCH, str(trainer.current_epoch))
                 print(f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch}, step {trainer.global_step}")
 
     return RecordResume()
@@ -201,6 +174,8 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
     """
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
+    from lightning_modules.callbacks import StopOnNonFiniteLoss
+
     found: list[Any] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir(params, run_id) if is_rank_zero() else None,  # rank 0 broadcasts it
@@ -211,7 +186,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
             save_last=True,
         ),
         LearningRateMonitor(logging_interval="epoch"),
-        _non_finite_loss_callback(),
+        StopOnNonFiniteLoss(),
         _resume_callback(),
     ]
     if params.get("early_stopping_patience"):
@@ -255,7 +230,7 @@ def output_dir(params: dict[str, Any], run_id: str) -> Path:
 def set_tag(logger: MLFlowLogger, key: str, value: Any) -> None:
     if not is_rank_zero():
         return
-    logger.experiment.set_tag(logger.run_id, f"{tracking.TAG_PREFIX}{key}", str(value))
+    logger.experiment.set_tag(logger.run_id, Tag.of(key), str(value))
 
 
 def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "val_")) -> Any:

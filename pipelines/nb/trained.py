@@ -13,6 +13,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 
 def resolve_run(ref: str, client: MlflowClient | None = None) -> str:
@@ -52,13 +53,13 @@ def load_trained(run_id: str, destination: Path) -> tuple[Any, Any, dict[str, An
     against the run's data fingerprint, so a variant is never scored on different data.
     """
     from lightning_modules import build_data, model_class
-    from pipelines.execution.rerun import recorded_parameters
+    from pipelines.tracking.records import recorded_parameters
 
     client = tracking.client()
     _, params = recorded_parameters(run_id)
     datamodule = build_data(params)
     datamodule.setup()
-    recorded = client.get_run(run_id).data.tags.get(f"{tracking.TAG_PREFIX}data_fingerprint")
+    recorded = client.get_run(run_id).data.tags.get(Tag.DATA_FINGERPRINT)
     if recorded and recorded != datamodule.fingerprint:
         raise ValueError(f"data fingerprint {datamodule.fingerprint} differs from run {run_id}'s {recorded}")
     module = model_class(params["model"]).load_from_checkpoint(best_checkpoint(client, run_id, destination))

@@ -35,19 +35,12 @@ from pipelines.specs.pipeline_spec import (
 )
 from pipelines.specs.spec_io import PROJECT_ROOT, SpecError
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
     from pipelines.kernels.kernel_pool import KernelPool
     from pipelines.specs.spec import Spec
 
-KIND = f"{tracking.TAG_PREFIX}kind"
-PIPELINE_TAG = f"{tracking.TAG_PREFIX}pipeline"
-TRIGGER_TAG = f"{tracking.TAG_PREFIX}trigger"
-SCHEDULE_TAG = f"{tracking.TAG_PREFIX}schedule_id"
-STEP_TAG = f"{tracking.TAG_PREFIX}step"
-OUTPUTS_TAG = f"{tracking.TAG_PREFIX}outputs."
-STEP_STATE_TAG = f"{tracking.TAG_PREFIX}step_state."
-OUTPUT_TAG = tracking.OUTPUT_TAG_PREFIX  # what a notebook records for later steps
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
 
@@ -68,14 +61,16 @@ def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str 
     """The given pipeline run, or the latest run of this pipeline."""
     if run_id:
         run = mlflow.get_run(run_id)
-        if run.data.tags.get(PIPELINE_TAG) != pipeline.name:
+        if run.data.tags.get(Tag.PIPELINE) != pipeline.name:
             raise SpecError(f"--pipeline-run {run_id}: not a run of pipeline {pipeline.name!r}")
         return run_id
     experiment = mlflow.get_experiment_by_name(pipeline.experiment_name)
     runs = (
         mlflow.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`{PIPELINE_TAG}` = {tracking.literal(pipeline.name)} and tags.`{KIND}` = 'pipeline'",
+            filter_string=(
+                f"tags.`{Tag.PIPELINE}` = {tracking.literal(pipeline.name)} and tags.`{Tag.KIND}` = 'pipeline'"
+            ),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -87,7 +82,7 @@ def find_pipeline_run(mlflow: MlflowClient, pipeline: PipelineSpec, run_id: str 
     return runs[0].info.run_id
 
 
-def recorded_outputs(mlflow: MlflowClient, run_id: str, prefix: str = OUTPUTS_TAG) -> dict[str, Any]:
+def recorded_outputs(mlflow: MlflowClient, run_id: str, prefix: str = Tag.OUTPUTS_PREFIX) -> dict[str, Any]:
     """The JSON tags `<prefix><name>` of a run, by name: a pipeline's step outputs, or a notebook's."""
     tags = mlflow.get_run(run_id).data.tags
     return {k.removeprefix(prefix): json.loads(v) for k, v in tags.items() if k.startswith(prefix)}
@@ -104,8 +99,8 @@ class _Runner:
         self.notebooks = notebooks  # how many steps run a notebook here (tune steps run their own)
         self._pool: KernelPool | None = None
         self.tags = {
-            PIPELINE_TAG: pipeline.name,
-            f"{tracking.TAG_PREFIX}pipeline_run": parent,
+            Tag.PIPELINE: pipeline.name,
+            Tag.PIPELINE_RUN: parent,
         }
 
     def say(self, text: str) -> None:
@@ -141,7 +136,7 @@ class _Runner:
             self.pipeline.experiment_name,
             run_name=step.name,
             parent_run_id=self.parent,
-            tags={**self.tags, STEP_TAG: step.name},
+            tags={**self.tags, Tag.STEP: step.name},
             progress_bar=False,
             kernels=self.kernels(),
         )
@@ -159,7 +154,7 @@ class _Runner:
             path,
             parent_run_id=self.parent,
             run_name=step.name,
-            extra_tags={**self.tags, STEP_TAG: step.name},
+            extra_tags={**self.tags, Tag.STEP: step.name},
             kernels=self.kernels(),
         )
         if result.error:
@@ -179,7 +174,7 @@ class _Runner:
         name = f"{self.pipeline.name}-{step.name}-{self.parent[:8]}"
         handle = tune.open_study(spec, path, step.n_trials, step.timeout, study_name=name, parent_run_id=self.parent)
         result = tune.tune(handle, workers=step.workers, register=False, console=self.console, report=step.report)
-        for key, value in {**self.tags, STEP_TAG: step.name}.items():
+        for key, value in {**self.tags, Tag.STEP: step.name}.items():
             self.mlflow.set_tag(result.parent_run_id, key, value)
         if result.counts["COMPLETE"] == 0:
             raise StepFailed(f"no trial of study {name!r} completed (run {result.parent_run_id})")
@@ -194,7 +189,7 @@ class _Runner:
 
     def notebook(self, step: NotebookStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         result = self._notebook(notebook_path(step.notebook, self.path), step, resolve(step.parameters, outputs))
-        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        recorded = recorded_outputs(self.mlflow, result.run_id, Tag.OUTPUT_PREFIX)
         return {"run_id": result.run_id, "metrics": result.metrics, "outputs": recorded}
 
     def register(self, step: RegisterStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -205,7 +200,7 @@ class _Runner:
             "direction": step.direction,
         }
         result = self._notebook(NOTEBOOKS / "register.ipynb", step, params)
-        return {"run_id": result.run_id, **recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)}
+        return {"run_id": result.run_id, **recorded_outputs(self.mlflow, result.run_id, Tag.OUTPUT_PREFIX)}
 
     def report(self, step: ReportStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from pipelines.study import study as studies
@@ -230,13 +225,13 @@ class _Runner:
     def compress(self, step: CompressStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         params = step.model_dump(exclude={"name", "kind", "retries", "run"})
         result = self._notebook(NOTEBOOKS / "compress.ipynb", step, {**params, **_source(resolve(step.run, outputs))})
-        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        recorded = recorded_outputs(self.mlflow, result.run_id, Tag.OUTPUT_PREFIX)
         return {"run_id": result.run_id, "metrics": result.metrics, "variants": recorded.get("variants", {})}
 
     def explain(self, step: ExplainStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         params = step.model_dump(exclude={"name", "kind", "retries", "run"})
         result = self._notebook(NOTEBOOKS / "explain.ipynb", step, {**params, **_source(resolve(step.run, outputs))})
-        recorded = recorded_outputs(self.mlflow, result.run_id, OUTPUT_TAG)
+        recorded = recorded_outputs(self.mlflow, result.run_id, Tag.OUTPUT_PREFIX)
         return {"run_id": result.run_id, "artifacts": recorded.get("artifacts", [])}
 
     def run_step(self, step: Step, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -261,14 +256,14 @@ def _open_parent(
     mlflow: MlflowClient, pipeline: PipelineSpec, path: Path, trigger: str, schedule_id: str | None
 ) -> str:
     tags = {
-        KIND: "pipeline",
-        PIPELINE_TAG: pipeline.name,
-        TRIGGER_TAG: trigger,
-        f"{tracking.TAG_PREFIX}spec_path": str(path),
+        Tag.KIND: "pipeline",
+        Tag.PIPELINE: pipeline.name,
+        Tag.TRIGGER: trigger,
+        Tag.SPEC_PATH: str(path),
         **tracking.provenance_tags(None, path),
     }
     if schedule_id:
-        tags[SCHEDULE_TAG] = schedule_id
+        tags[Tag.SCHEDULE_ID] = schedule_id
     parent = tracking.start_run(mlflow, pipeline.experiment_name, run_name=f"pipeline:{pipeline.name}", tags=tags)
     tracking.log_params(mlflow, parent, {"steps": " → ".join(f"{s.name}({s.kind})" for s in pipeline.steps)})
     return parent
@@ -299,9 +294,9 @@ def run_pipeline(
                 f"start from {missing[0]!r}"
             )
         mlflow.update_run(parent, status="RUNNING")
-        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}resumed_from_step", from_step)
-        if f"{tracking.TAG_PREFIX}error" in mlflow.get_run(parent).data.tags:
-            mlflow.delete_tag(parent, f"{tracking.TAG_PREFIX}error")
+        mlflow.set_tag(parent, Tag.RESUMED_FROM_STEP, from_step)
+        if Tag.ERROR in mlflow.get_run(parent).data.tags:
+            mlflow.delete_tag(parent, Tag.ERROR)
     else:
         start, outputs = 0, {}
         parent = _open_parent(mlflow, pipeline, path, trigger, schedule_id)
@@ -321,18 +316,18 @@ def _run_steps(runner: _Runner, steps: list[Step], start: int, outputs: dict[str
         try:
             outputs[step.name] = runner.run_step(step, outputs)
         except (StepFailed, SpecError) as exc:
-            mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FAILED")
-            mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}failed_step", step.name)
+            mlflow.set_tag(parent, Tag.STEP_STATE_PREFIX + step.name, "FAILED")
+            mlflow.set_tag(parent, Tag.FAILED_STEP, step.name)
             result.status, result.failed_step, result.error = "FAILED", step.name, f"step {step.name} failed: {exc}"
             tracking.finish_run(mlflow, parent, result.error)
             return result
         except BaseException as exc:  # Ctrl-C, SIGTERM or a bug: close the run, keep what is recorded
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FAILED")
+            mlflow.set_tag(parent, Tag.STEP_STATE_PREFIX + step.name, "FAILED")
             tracking.finish_run(mlflow, parent, f"step {step.name}: {reason}")
             raise
-        mlflow.set_tag(parent, OUTPUTS_TAG + step.name, json.dumps(outputs[step.name], default=str))
-        mlflow.set_tag(parent, STEP_STATE_TAG + step.name, "FINISHED")
+        mlflow.set_tag(parent, Tag.OUTPUTS_PREFIX + step.name, json.dumps(outputs[step.name], default=str))
+        mlflow.set_tag(parent, Tag.STEP_STATE_PREFIX + step.name, "FINISHED")
         runner.say(f"step {step.name} done: " + ", ".join(f"{k}={_short(v)}" for k, v in outputs[step.name].items()))
     tracking.finish_run(mlflow, parent)
     result.status = "FINISHED"

@@ -13,6 +13,7 @@ import mlflow
 import pandas as pd
 
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 Format = Literal["table", "csv", "markdown", "html"]
 LOWER_IS_BETTER = ("loss", "mse", "mae", "perplexity", "error")
@@ -39,7 +40,7 @@ def compare(
     mlflow.set_tracking_uri(uri)
     filters = []
     if study:
-        filters.append(f"tags.`{tracking.TAG_PREFIX}study_name` = {tracking.literal(study)}")
+        filters.append(f"tags.`{Tag.STUDY_NAME}` = {tracking.literal(study)}")
     if pipeline_run:
         filters.append(f"tags.`mlflow.parentRunId` = {tracking.literal(pipeline_run)}")
     names = [experiment] if experiment else None
@@ -50,7 +51,7 @@ def compare(
     )
     if runs.empty:
         return runs
-    kind = runs.get(f"tags.{tracking.TAG_PREFIX}kind")
+    kind = runs.get(f"tags.{Tag.KIND}")
     if study and kind is not None:
         runs = runs[kind.fillna("") != "study"]
     frame = _tidy(runs)
@@ -72,7 +73,7 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
             "run_id": runs["run_id"],
             "run_name": runs.get("tags.mlflow.runName"),
             "state": runs["status"],
-            "trial_state": runs.get(f"tags.{tracking.TAG_PREFIX}trial_state"),
+            "trial_state": runs.get(f"tags.{Tag.TRIAL_STATE}"),
             "duration_s": (runs["end_time"] - runs["start_time"]).dt.total_seconds().round(1),
         }
     )

@@ -13,11 +13,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.execution.rerun import PROVENANCE, executed_notebook
 from pipelines.tracking import tracking
+from pipelines.tracking.records import PROVENANCE, executed_notebook
+from pipelines.tracking.tags import Tag
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes in captured output (Lightning's rich tables)
-TAGS = {**PROVENANCE, "seed": f"{tracking.TAG_PREFIX}seed", "notebook": f"{tracking.TAG_PREFIX}notebook"}
+TAGS = {**PROVENANCE, "seed": Tag.SEED, "notebook": Tag.NOTEBOOK}
 
 
 @dataclass

@@ -37,6 +37,7 @@ from croniter import croniter
 
 from pipelines.specs.spec_io import SpecError
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 STORE_ENV = "LABBOOK_SCHEDULER_DB"
 TABLE = "labbook_schedules"
@@ -191,7 +192,7 @@ def last_runs(schedule_ids: list[str]) -> dict[str, tuple[datetime, str, str]]:
     for schedule_id in schedule_ids:
         runs = client.search_runs(
             experiments,
-            filter_string=f"tags.`{tracking.TAG_PREFIX}schedule_id` = {tracking.literal(schedule_id)}",
+            filter_string=f"tags.`{Tag.SCHEDULE_ID}` = {tracking.literal(schedule_id)}",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )

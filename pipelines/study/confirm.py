@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
 from pipelines.execution.run import RunResult
-from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 
 @dataclass(frozen=True)
@@ -92,4 +92,4 @@ def log_to_parent(mlflow: Any, parent: str, confirmed: list[Confirmed], metric: 
         mlflow.log_metric(parent, f"confirm_trial{c.trial}_{metric}_mean", c.mean)
         mlflow.log_metric(parent, f"confirm_trial{c.trial}_{metric}_ci95", c.ci95)
     if confirmed:
-        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}best_by_mean_trial", str(confirmed[0].trial))
+        mlflow.set_tag(parent, Tag.BEST_BY_MEAN_TRIAL, str(confirmed[0].trial))

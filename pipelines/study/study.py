@@ -21,14 +21,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.specs.tune_spec import PrunerSpec, SamplerSpec
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Attr
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
 HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
 HEARTBEAT_SECONDS = 10  # a worker silent for 3 intervals is dead: its trial is failed and retried
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-RUN_ID_ATTR = "mlflow_run_id"
-INTERRUPTED_ATTR = "interrupted"
-OVER_BUDGET_ATTR = "over_budget"  # created after other workers' trials had taken the whole budget: never run
 
 
 def storage_url(explicit: str | None = None) -> str:
@@ -104,7 +101,7 @@ def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
     Whichever live worker notices the silent heartbeat runs this; the dead one cannot.
     """
     _retry(study, trial)
-    run_id = trial.user_attrs.get(RUN_ID_ATTR)
+    run_id = trial.user_attrs.get(Attr.RUN_ID)
     if not run_id:
         return
     mlflow = tracking.client()
@@ -183,13 +180,13 @@ def over_budget(trials: list[FrozenTrial], number: int, n_trials: int) -> bool:
 
 
 def _not_run(t: FrozenTrial) -> bool:
-    return bool(t.user_attrs.get(INTERRUPTED_ATTR) or t.user_attrs.get(OVER_BUDGET_ATTR))
+    return bool(t.user_attrs.get(Attr.INTERRUPTED) or t.user_attrs.get(Attr.OVER_BUDGET))
 
 
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     """How many trials are in each state, by Optuna's state names."""
     found = {state.name: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     for t in trials:
-        if t.state.name in found and not t.user_attrs.get(OVER_BUDGET_ATTR):
+        if t.state.name in found and not t.user_attrs.get(Attr.OVER_BUDGET):
             found[t.state.name] += 1
     return found

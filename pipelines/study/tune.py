@@ -34,11 +34,11 @@ from pipelines.specs.spec import Spec, SpecError
 from pipelines.specs.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
 from pipelines.study import study as studies
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Attr, Tag
 
 if TYPE_CHECKING:
     from pipelines.kernels.kernel_pool import KernelPool
 
-TRIAL_STATE_TAG = f"{tracking.TAG_PREFIX}trial_state"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -139,7 +139,7 @@ def monitor_parameters(tune: TuneSpec) -> dict[str, str]:
 def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
     """The study's MLflow parent run: made once, found again through the study on resume."""
     mlflow = tracking.client()
-    parent_id = created.user_attrs.get(studies.PARENT_RUN_ATTR)
+    parent_id = created.user_attrs.get(Attr.PARENT_RUN)
     if parent_id:
         try:
             mlflow.update_run(parent_id, status="RUNNING")
@@ -153,10 +153,10 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
         run_name=f"study:{handle.name}",
         parent_run_id=handle.parent_run_id,
         tags={
-            f"{tracking.TAG_PREFIX}kind": "study",
-            f"{tracking.TAG_PREFIX}study_name": handle.name,
-            f"{tracking.TAG_PREFIX}storage": tracking.redact(handle.storage_url),
-            f"{tracking.TAG_PREFIX}spec": handle.spec.name,
+            Tag.KIND: "study",
+            Tag.STUDY_NAME: handle.name,
+            Tag.STORAGE: tracking.redact(handle.storage_url),
+            Tag.SPEC: handle.spec.name,
             **tracking.provenance_tags(handle.spec.trainer.seed, handle.spec.notebook),
         },
     )
@@ -172,7 +172,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
         "timeout": handle.timeout,
     }
     tracking.log_params(mlflow, parent_id, params)
-    created.set_user_attr(studies.PARENT_RUN_ATTR, parent_id)
+    created.set_user_attr(Attr.PARENT_RUN, parent_id)
     return parent_id
 
 
@@ -194,8 +194,8 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
             f"{created.direction.name.lower()}; use another --study-name"
         )
     # Kernels (on any machine) rebuild the pruner and read the metric from the study itself.
-    created.set_user_attr("pruner", tune.pruner.model_dump())
-    created.set_user_attr("metric", tune.metric)
+    created.set_user_attr(Attr.PRUNER, tune.pruner.model_dump())
+    created.set_user_attr(Attr.METRIC, tune.metric)
     studies.fail_stale_trials(created)
     return created, _ensure_parent_run(handle, created)
 
@@ -222,7 +222,7 @@ class _Worker:
         tune = self.handle.tune
         trials = trial.study.get_trials(deepcopy=False)
         if self.handle.n_trials is not None and studies.over_budget(trials, trial.number, self.handle.n_trials):
-            trial.set_user_attr(studies.OVER_BUDGET_ATTR, True)  # after_trial then stops this worker
+            trial.set_user_attr(Attr.OVER_BUDGET, True)  # after_trial then stops this worker
             raise TrialFailed(f"not run: trials before it use the study's budget of {self.handle.n_trials}")
         values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
         spec = self.handle.spec.with_overrides(values)
@@ -233,26 +233,26 @@ class _Worker:
             retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
             retry = "" if retry_of is None else f" (retry of trial {retry_of}, whose worker died)"
             self.console.print(f"[dim]trial {trial.number} of {total} started{retry}: {shown}[/dim]")
-        trial.set_user_attr("worker", _this_process())
+        trial.set_user_attr(Attr.WORKER, _this_process())
         left = self.budget_left(trial.study, trials)
         if self.kernels is not None and left is not None:
             self.kernels.expected = 1 + max(0, left)  # this trial and the budget's rest: warm no more
         try:
             result = self._run(trial, spec, resume.trial_key(self.handle.name, frozen))
         except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted")
-            trial.set_user_attr(studies.INTERRUPTED_ATTR, True)
+            trial.set_user_attr(Attr.ERROR, "interrupted")
+            trial.set_user_attr(Attr.INTERRUPTED, True)
             raise
-        trial.set_user_attr(studies.RUN_ID_ATTR, result.run_id)
+        trial.set_user_attr(Attr.RUN_ID, result.run_id)
         if result.pruned:
-            self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "PRUNED")
+            self.mlflow.set_tag(result.run_id, Tag.TRIAL_STATE, "PRUNED")
             raise optuna.TrialPruned(result.error)
         if result.error:
             return self._fail(trial, result.run_id, result.error)
         value = best_logged(self.mlflow, result.run_id, tune)
         if value is None:
             return self._fail(trial, result.run_id, f"metric {tune.metric!r} was never logged (or only NaN)")
-        self.mlflow.set_tag(result.run_id, TRIAL_STATE_TAG, "COMPLETE")
+        self.mlflow.set_tag(result.run_id, Tag.TRIAL_STATE, "COMPLETE")
         return value
 
     def _run(self, trial: optuna.Trial, spec: Spec, resume_key: str):
@@ -269,21 +269,21 @@ class _Worker:
                 **monitor_parameters(tune),
             },
             extra_tags={
-                f"{tracking.TAG_PREFIX}study_name": self.handle.name,
-                f"{tracking.TAG_PREFIX}trial_number": str(trial.number),
-                TRIAL_STATE_TAG: "RUNNING",
+                Tag.STUDY_NAME: self.handle.name,
+                Tag.TRIAL_NUMBER: str(trial.number),
+                Tag.TRIAL_STATE: "RUNNING",
             },
             progress_bar=False,
             # On the trial at once: if this worker dies, whoever fails the trial closes the run.
-            on_run=lambda run_id: trial.set_user_attr(studies.RUN_ID_ATTR, run_id),
+            on_run=lambda run_id: trial.set_user_attr(Attr.RUN_ID, run_id),
             kernels=self.kernels,
             resume_key=resume_key,  # a retry of a dead worker's trial resumes its checkpoints
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
-        trial.set_user_attr("error", error)
-        self.mlflow.set_tag(run_id, TRIAL_STATE_TAG, "FAIL")
-        self.mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}error", error)
+        trial.set_user_attr(Attr.ERROR, error)
+        self.mlflow.set_tag(run_id, Tag.TRIAL_STATE, "FAIL")
+        self.mlflow.set_tag(run_id, Tag.ERROR, error)
         raise TrialFailed(error)
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -372,7 +372,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
     deadline = time.monotonic() + wait
     while True:
         try:
-            parent = handle.load().user_attrs.get(studies.PARENT_RUN_ATTR)
+            parent = handle.load().user_attrs.get(Attr.PARENT_RUN)
         except KeyError:  # optuna: no study of that name in the storage yet
             parent = None
         if parent or time.monotonic() >= deadline:
@@ -448,7 +448,7 @@ def tune(
     if confirm_top > 0:
         _confirm(handle, parent, mlflow, confirm_top, seeds, console)
     else:
-        created.set_user_attr("best_by_mean", None)  # an earlier confirmation predates these trials
+        created.set_user_attr(Attr.BEST_BY_MEAN, None)  # an earlier confirmation predates these trials
     result = summarize(handle, parent, mlflow, register=register)
     mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
     if report:
@@ -474,7 +474,7 @@ def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console |
     if executed.interrupted:
         raise executed.interrupted
     if executed.error:  # the study's results stand; say what the report could not do
-        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}report_error", executed.error)
+        mlflow.set_tag(parent, Tag.REPORT_ERROR, executed.error)
         if console:
             console.print(f"[yellow]warning: the study report failed: {executed.error}[/yellow]")
     elif console:
@@ -494,17 +494,17 @@ def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool =
     if found["COMPLETE"]:
         best = study.best_trial
         result.best_value, result.best_params = best.value, best.params
-        result.best_run_id = best.user_attrs.get(studies.RUN_ID_ATTR)
+        result.best_run_id = best.user_attrs.get(Attr.RUN_ID)
         mlflow.log_metric(parent, "best_value", best.value)
-        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}best_trial", str(best.number))
+        mlflow.set_tag(parent, Tag.BEST_TRIAL, str(best.number))
         if result.best_run_id:
-            mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}best_run_id", result.best_run_id)
+            mlflow.set_tag(parent, Tag.BEST_RUN_ID, result.best_run_id)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "study_summary.csv"
         result.summary.to_csv(path, index=False)
         mlflow.log_artifact(parent, str(path), "tables")
     # With --confirm-top, the champion candidate is the best configuration by its mean over seeds.
-    by_mean = study.user_attrs.get("best_by_mean")
+    by_mean = study.user_attrs.get(Attr.BEST_BY_MEAN)
     candidate = (by_mean["run_id"], by_mean["mean"]) if by_mean else (result.best_run_id, result.best_value)
     if register and candidate[0] is not None:
         from pipelines.tracking.champion import promote
@@ -534,9 +534,9 @@ def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: 
             run_name=f"{handle.name}-trial-{trial.number}-seed-{seed}",
             extra_parameters=monitor_parameters(tune),
             extra_tags={
-                f"{tracking.TAG_PREFIX}study_name": handle.name,
-                f"{tracking.TAG_PREFIX}confirms_trial": str(trial.number),
-                f"{tracking.TAG_PREFIX}kind": "confirm",
+                Tag.STUDY_NAME: handle.name,
+                Tag.CONFIRMS_TRIAL: str(trial.number),
+                Tag.KIND: "confirm",
             },
             progress_bar=False,
             kernels=kernels,
@@ -587,8 +587,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
                 "value": t.value,
                 **{k: v for k, v in t.params.items()},
                 "duration_s": round(duration, 1) if duration is not None else None,
-                "run_id": t.user_attrs.get(studies.RUN_ID_ATTR),
-                "error": t.user_attrs.get("error"),
+                "run_id": t.user_attrs.get(Attr.RUN_ID),
+                "error": t.user_attrs.get(Attr.ERROR),
             }
         )
     return pd.DataFrame(rows)

@@ -8,6 +8,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipelines.tracking import tracking
+from pipelines.tracking.tags import Tag
 
 CHAMPION = "champion"
 
@@ -19,17 +20,15 @@ def promote(name: str, run_id: str, metric: str, direction: str, value: float) -
     mlflow.set_tracking_uri(uri)
     client = tracking.client(uri)
     model_uri = tracking.model_uri(client, run_id)
-    version = mlflow.register_model(model_uri, name, tags={f"{tracking.TAG_PREFIX}run_id": run_id})
-    key = f"{tracking.TAG_PREFIX}{metric}"
+    version = mlflow.register_model(model_uri, name, tags={Tag.RUN_ID: run_id})
+    key = Tag.of(metric)
     client.set_model_version_tag(name, version.version, key, str(value))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
     current_value = float(current.tags[key]) if current is not None and key in current.tags else None
-    client.set_model_version_tag(
-        name, version.version, f"{tracking.TAG_PREFIX}champion_{metric}_before", str(current_value)
-    )
+    client.set_model_version_tag(name, version.version, Tag.champion_before(metric), str(current_value))
     better = current_value is None or (value > current_value if direction == "maximize" else value < current_value)
     if better:
         client.set_registered_model_alias(name, CHAMPION, version.version)

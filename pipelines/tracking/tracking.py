@@ -21,11 +21,13 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from pipelines.errors import TrackingUnavailable
+from pipelines.tracking.tags import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TAG_PREFIX = "labbook."
-OUTPUT_TAG_PREFIX = f"{TAG_PREFIX}output."  # a step's outputs for later steps, as JSON
-GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+# Names kept for code written before tags.py: new code says Tag.PREFIX, Tag.OUTPUT_PREFIX, Tag.GIT_COMMIT.
+TAG_PREFIX = Tag.PREFIX
+OUTPUT_TAG_PREFIX = Tag.OUTPUT_PREFIX
+GIT_COMMIT_TAG = Tag.GIT_COMMIT
 
 
 def default_store() -> Path:
@@ -79,7 +81,7 @@ def literal(value: str) -> str:
 
 def model_uri(mlflow: MlflowClient, run_id: str) -> str:
     """The model a run logged: MLflow 3's own model URI (tagged by `log_model`), else `runs:/<id>/model`."""
-    return mlflow.get_run(run_id).data.tags.get(f"{TAG_PREFIX}model_uri", f"runs:/{run_id}/model")
+    return mlflow.get_run(run_id).data.tags.get(Tag.MODEL_URI, f"runs:/{run_id}/model")
 
 
 def client(uri: str | None = None) -> MlflowClient:
@@ -180,18 +182,18 @@ def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     tags = {
-        GIT_COMMIT_TAG: commit or "unknown",
-        f"{TAG_PREFIX}git_dirty": "unknown" if status is None else str(bool(status)).lower(),
-        f"{TAG_PREFIX}python_version": platform.python_version(),
-        f"{TAG_PREFIX}torch_version": installed("torch"),
-        f"{TAG_PREFIX}lightning_version": installed("lightning"),
-        f"{TAG_PREFIX}mlflow_version": installed("mlflow"),
-        f"{TAG_PREFIX}notebook": str(notebook),
+        Tag.GIT_COMMIT: commit or "unknown",
+        Tag.GIT_DIRTY: "unknown" if status is None else str(bool(status)).lower(),
+        Tag.PYTHON_VERSION: platform.python_version(),
+        Tag.TORCH_VERSION: installed("torch"),
+        Tag.LIGHTNING_VERSION: installed("lightning"),
+        Tag.MLFLOW_VERSION: installed("mlflow"),
+        Tag.NOTEBOOK: str(notebook),
         MLFLOW_SOURCE_NAME: str(notebook),
         MLFLOW_SOURCE_TYPE: "NOTEBOOK",
     }
     if seed is not None:
-        tags[f"{TAG_PREFIX}seed"] = str(seed)
+        tags[Tag.SEED] = str(seed)
     return tags
 
 
@@ -216,7 +218,7 @@ def start_run(
 def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> None:
     """Close a run: FINISHED, or FAILED with the one-line error as a tag."""
     if error:
-        mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
+        mlflow.set_tag(run_id, Tag.ERROR, error[:5000])
     status = RunStatus.FAILED if error else RunStatus.FINISHED
     mlflow.set_terminated(run_id, RunStatus.to_string(status))
 
@@ -236,4 +238,4 @@ def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: 
 def record_outputs(client: MlflowClient, run_id: str, outputs: dict[str, Any]) -> None:
     """Outputs a later pipeline step can reference (`${step.outputs.key}`): tags `labbook.output.<key>` (JSON)."""
     for key, value in outputs.items():
-        client.set_tag(run_id, f"{OUTPUT_TAG_PREFIX}{key}", json.dumps(value, default=str))
+        client.set_tag(run_id, Tag.OUTPUT_PREFIX + key, json.dumps(value, default=str))

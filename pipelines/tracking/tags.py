@@ -1,0 +1,94 @@
+"""Every MLflow tag and Optuna user attribute labbook writes or reads, named once.
+
+A tag's name is part of the record: the MLflow UI, `labbook compare`/`diff`/`rerun`, searches
+(`tags.labbook.study_name = ...`), the notebooks and other tools read them back, so a name is
+spelled here and nowhere else. Standard library only: notebooks import it too
+(`from pipelines.tracking.tags import Tag`).
+"""
+
+from __future__ import annotations
+
+
+class Tag:
+    """MLflow tag names (on runs, and on registered model versions)."""
+
+    PREFIX = "labbook."
+    GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+
+    # Provenance: what a run needs to be repeated (tracking.provenance_tags).
+    GIT_DIRTY = PREFIX + "git_dirty"
+    PYTHON_VERSION = PREFIX + "python_version"
+    TORCH_VERSION = PREFIX + "torch_version"
+    LIGHTNING_VERSION = PREFIX + "lightning_version"
+    MLFLOW_VERSION = PREFIX + "mlflow_version"
+    NOTEBOOK = PREFIX + "notebook"
+    SEED = PREFIX + "seed"
+    PYTHON_EXECUTABLE = PREFIX + "python_executable"
+    DATA_FINGERPRINT = PREFIX + "data_fingerprint"
+
+    # A run: where it came from and how it ended.
+    SPEC = PREFIX + "spec"
+    SPEC_PATH = PREFIX + "spec_path"
+    KIND = PREFIX + "kind"  # study, confirm, pipeline
+    ERROR = PREFIX + "error"
+    PRUNED = PREFIX + "pruned"
+    MODEL_URI = PREFIX + "model_uri"
+    RESUMED_FROM = PREFIX + "resumed_from"
+    RESUMED_AT_EPOCH = PREFIX + "resumed_at_epoch"
+    RERUN_OF = PREFIX + "rerun_of"
+    RERUN_VERDICT = PREFIX + "rerun_verdict"
+    RERUN_CHANGED = PREFIX + "rerun_changed"
+    OUTPUT_PREFIX = PREFIX + "output."  # a notebook's outputs for later steps, as JSON: output.<key>
+
+    # Studies and their trials.
+    STUDY_NAME = PREFIX + "study_name"
+    STORAGE = PREFIX + "storage"
+    TRIAL_NUMBER = PREFIX + "trial_number"
+    TRIAL_STATE = PREFIX + "trial_state"
+    BEST_TRIAL = PREFIX + "best_trial"
+    BEST_RUN_ID = PREFIX + "best_run_id"
+    BEST_BY_MEAN_TRIAL = PREFIX + "best_by_mean_trial"
+    CONFIRMS_TRIAL = PREFIX + "confirms_trial"
+    REPORT_ERROR = PREFIX + "report_error"
+
+    # Pipelines and schedules.
+    PIPELINE = PREFIX + "pipeline"
+    PIPELINE_RUN = PREFIX + "pipeline_run"
+    TRIGGER = PREFIX + "trigger"
+    SCHEDULE_ID = PREFIX + "schedule_id"
+    STEP = PREFIX + "step"
+    FAILED_STEP = PREFIX + "failed_step"
+    RESUMED_FROM_STEP = PREFIX + "resumed_from_step"
+    OUTPUTS_PREFIX = PREFIX + "outputs."  # on a pipeline run: outputs.<step>, a step's outputs as JSON
+    STEP_STATE_PREFIX = PREFIX + "step_state."  # on a pipeline run: step_state.<step>
+
+    # The Model Registry (tags of a model version) and compressed variants.
+    RUN_ID = PREFIX + "run_id"
+    VARIANT = PREFIX + "variant"
+    SOURCE_RUN = PREFIX + "source_run"
+
+    @classmethod
+    def of(cls, key: str) -> str:
+        """The tag `labbook.<key>` of a name chosen at run time (a metric, a notebook's own tag)."""
+        return cls.PREFIX + key
+
+    @classmethod
+    def champion_before(cls, metric: str) -> str:
+        """On a model version: the champion's `metric` when this version was registered."""
+        return f"{cls.PREFIX}champion_{metric}_before"
+
+
+class Attr:
+    """Optuna user attributes of studies and trials."""
+
+    # A study's.
+    PARENT_RUN = "mlflow_parent_run_id"
+    PRUNER = "pruner"
+    METRIC = "metric"
+    BEST_BY_MEAN = "best_by_mean"
+    # A trial's.
+    RUN_ID = "mlflow_run_id"
+    WORKER = "worker"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+    OVER_BUDGET = "over_budget"  # created after other workers' trials had taken the whole budget: never run
