@@ -1,0 +1,93 @@
+"""`labbook tune` and `labbook worker`: an Optuna study whose trials are notebook runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipelines.cli.common import (
+    SetOpt,
+    SpecArg,
+    app,
+    fail,
+    load_training_spec,
+    out,
+    reported,
+    stop_on_sigterm,
+)
+from pipelines.specs.spec_io import SpecError
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Optuna storage URL (default: the spec's, LABBOOK_OPTUNA_STORAGE, or sqlite:///mlruns/optuna.db)."
+    ),
+]
+
+
+StudyOpt = Annotated[str | None, typer.Option("--study-name", help="Study name (default: the spec's name).")]
+
+
+TrialsOpt = Annotated[int | None, typer.Option("--n-trials", min=1, help="Trials in total, finished ones included.")]
+
+
+TimeoutOpt = Annotated[float | None, typer.Option(min=1, help="Stop starting new trials after this many seconds.")]
+
+
+def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study_name):
+    from pipelines.study.tune import open_study
+
+    with reported(SpecError):
+        return open_study(load_training_spec(spec, set_), spec, n_trials, timeout, storage, study_name)
+
+
+@app.command()
+def tune(
+    spec: SpecArg,
+    n_trials: TrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    workers: Annotated[int, typer.Option(min=1, help="Trials run at once, as separate processes.")] = 1,
+    storage: StorageOpt = None,
+    study_name: StudyOpt = None,
+    set_: SetOpt = None,
+    register: Annotated[bool, typer.Option(help="Register the best model; move `champion` if it is better.")] = True,
+    confirm_top: Annotated[
+        int, typer.Option(min=0, help="Re-run the K best configurations with fresh seeds; choose by the mean.")
+    ] = 0,
+    seeds: Annotated[int, typer.Option(min=2, help="Seeds per configuration for --confirm-top.")] = 3,
+    report: Annotated[bool, typer.Option(help="Execute notebooks/report.ipynb and attach it to the study.")] = True,
+) -> None:
+    """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
+    from pipelines.study.tune import tune as run_study
+
+    handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    stop_on_sigterm()
+    with reported(SpecError, tracking=True, interrupts=True):
+        result = run_study(
+            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds, report=report
+        )
+    if result.counts["COMPLETE"] == 0:
+        errors = result.summary["error"].dropna() if result.summary is not None and len(result.summary) else []
+        raise fail(f"no trial completed; first error: {errors.iloc[0] if len(errors) else 'none recorded'}", code=1)
+
+
+@app.command()
+def worker(
+    spec: SpecArg,
+    storage: StorageOpt = None,
+    study_name: StudyOpt = None,
+    n_trials: TrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+    wait: Annotated[float, typer.Option(min=0, help="Seconds to wait for `labbook tune` to create the study.")] = 0.0,
+) -> None:
+    """Join a study started by `labbook tune` and run trials until its budget is spent."""
+    from pipelines.study.tune import run_worker
+
+    handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    stop_on_sigterm()
+    with reported(SpecError, tracking=True, interrupts=True):
+        run_worker(handle, console=None if quiet else out, wait=wait)
