@@ -1,1 +1,7 @@
-"""pipelines/execution/: see pipelines/__init__.py."""
+"""pipelines/execution/: a notebook executed by papermill into one MLflow run, and the verbs on one run.
+
+Owns: executing and attaching a notebook (notebook.py), `labbook run` (run.py), resumable
+checkpoints (resume.py), `labbook rerun` (rerun.py), notebook -> script for torchrun
+(script.py). May import: `pipelines/specs/`, `pipelines/tracking/`, `pipelines/kernels/`,
+papermill, nbconvert. Never imported by a notebook kernel (`pipelines/nb/` is what they use).
+"""

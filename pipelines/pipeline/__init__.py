@@ -1,1 +1,6 @@
-"""pipelines/pipeline/: see pipelines/__init__.py."""
+"""pipelines/pipeline/: pipelines of steps (train, tune, evaluate, register, ...) as one parent run.
+
+Owns: running a pipeline spec's steps in order, passing outputs between them, continuing from
+a step (pipeline.py). May import: `pipelines/specs/`, `pipelines/tracking/`,
+`pipelines/execution/`, `pipelines/kernels/`, `pipelines/study/`.
+"""
