@@ -81,7 +81,8 @@ class ArrayDataModule(SplitDataModule):
         raise NotImplementedError
 
     def to_tensors(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        raise NotImplementedError
+        """One split as tensors: the arrays as they are (a subclass reshapes, e.g. into images)."""
+        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -168,6 +169,3 @@ class RegressionDataModule(ArrayDataModule):
         y = ((y - y.mean()) / y.std()).astype(np.float32)
         strata = np.digitize(y, np.quantile(y, [0.2, 0.4, 0.6, 0.8]))
         return x, y, strata
-
-    def to_tensors(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))

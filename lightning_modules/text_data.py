@@ -231,9 +231,6 @@ class DocstringsDataModule(ArrayDataModule):
         y = np.asarray(labels, dtype=np.int64)
         return ids, y, y
 
-    def to_tensors(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-
     def summary(self) -> dict[str, object]:
         ids, labels = self.splits["train"].tensors
         return {

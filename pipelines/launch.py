@@ -89,3 +89,7 @@ def delegate(path: str, arguments: list[str]) -> int | None:
 def _forward(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+if __name__ == "__main__":  # python -m pipelines.launch: the `labbook` command without its console script
+    main()
