@@ -28,6 +28,7 @@ a file that must name packages bare (tests/test_import_graph.py) carries the mar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -80,7 +81,8 @@ TEXT_FILES = ("README.md", "Makefile", "pyproject.toml", ".ci/run", "mlruns/READ
 TEXT_GLOBS = ("docs/*.md",)
 
 
-def submodules(package: str) -> set[str]:
+@functools.cache  # asked once per dotted name; the folders do not change while names are rewritten
+def submodules(package: str) -> frozenset[str]:
     """The modules of a new package: those moved there, and those now in its folder."""
     found = {old for old, pkg in MOVES.items() if pkg == package}
     folder = ROOT / "pipelines" / package
