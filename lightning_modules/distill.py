@@ -36,7 +36,7 @@ class Distill(SupervisedModule):
     `distill.student` is an ordinary module of its class, ready to save or measure.
     """
 
-    def __init__(self, student: SupervisedModule, teacher: nn.Module, alpha: float = 0.7, temperature: float = 4.0):
+    def __init__(self, student: SupervisedModule, teacher: nn.Module, alpha: float = 0.5, temperature: float = 1.0):
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
         if temperature <= 0:

@@ -68,8 +68,13 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def pick(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of `params` that `cls.__init__` accepts."""
-    return {name: params[name] for name in init_parameters(cls) if name in params}
+    """The entries of `params` that `cls.__init__` accepts; a None where the class has a default of its
+    own means "that default" (the notebook's `hidden_sizes = None`: (50,) for one model, (20,) for another)."""
+    return {
+        name: params[name]
+        for name, param in init_parameters(cls).items()
+        if name in params and not (params[name] is None and param.default not in (None, inspect.Parameter.empty))
+    }
 
 
 def build_data(params: Mapping[str, Any]) -> SplitDataModule:

@@ -120,6 +120,7 @@ class ExplainStep(_Step):
     method: Literal["integrated_gradients", "saliency"] = "integrated_gradients"
     samples: int = Field(8, ge=1, le=64)
     n_steps: int = Field(32, ge=2)  # integrated gradients: points on the path from the baseline
+    window: int = Field(48, ge=1)  # gpt: tokens of the test window whose attention is drawn
 
 
 Step = Annotated[
