@@ -296,3 +296,13 @@ def test_a_kernel_server_runs_labbook_commands_forked_with_the_callers_files_sig
     while _alive(command) or _alive(kernel):
         assert time.monotonic() < deadline, "the forked command or its kernel outlived the killed caller"
         time.sleep(0.2)
+
+
+@pytest.mark.fast
+def test_a_kernel_server_answers_only_the_checkout_it_was_started_from() -> None:
+    """Client and server each say which Python and which copy of labbook they run; a server
+    started from another checkout would run that copy's code, so it refuses (the client runs cold)."""
+    from pipelines.kernels import env
+
+    assert Path(__file__).resolve().parents[1] == env.PROJECT_ROOT
+    assert env.interpreter().endswith(f" for {env.PROJECT_ROOT}")

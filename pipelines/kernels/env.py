@@ -47,7 +47,12 @@ def server_path() -> str | None:
     return path
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def interpreter() -> str:
-    """This Python, as a kernel server compares it: `.venv/bin/python` and the `python3.11` of a
-    console script are the same interpreter, the same file outside the environment is not."""
-    return f"{os.path.realpath(sys.executable)} in {sys.prefix}"
+    """This Python and this copy of labbook, as a kernel server compares them: `.venv/bin/python`
+    and the `python3.11` of a console script are the same interpreter, the same file outside the
+    environment is not; and a server started from another checkout (another worktree, an editable
+    install pointing elsewhere) would run that checkout's code, so the project root must match too."""
+    return f"{os.path.realpath(sys.executable)} in {sys.prefix} for {PROJECT_ROOT}"
