@@ -471,7 +471,13 @@ def kernel_server(
     its kernels too. Each kernel is still a fresh process running one notebook; the server stops
     itself when code it imported is edited.
     """
+    from pipelines.socket_claim import SocketPathTaken, check_free
+
     path = socket_path.resolve()
+    try:  # a user's file, or a live server's socket, is never replaced (the server checks again as it binds)
+        check_free(str(path))
+    except SocketPathTaken as exc:
+        raise _fail(str(exc)) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     out.print(f"kernel server on {path}  (Ctrl-C to stop)")
     out.print(f"use it: export LABBOOK_KERNEL_SERVER={path}")

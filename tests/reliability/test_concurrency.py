@@ -1,0 +1,112 @@
+"""Concurrent processes on one resource: checkpoint folders, study samplers, the champion alias, sockets.
+
+Each test runs real processes on real stores and names the case of the reliability issue it covers
+(see README, "What happens when…").
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines import socket_claim
+from tests.conftest import LABBOOK, labbook
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a Unix socket's path has ~100 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="lb-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listening_socket(path: Path) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    return listener
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def test_10_a_kernel_server_never_takes_a_file_or_a_live_socket_and_removes_only_its_own(short_dir: Path) -> None:
+    # A regular file, a folder, a live socket: refused in one line, exit 2, left as they were.
+    taken = short_dir / "f.txt"
+    taken.write_text("the user's notes\n")
+    (short_dir / "folder").mkdir()
+    live = _listening_socket(short_dir / "live.sock")
+    try:
+        cases = [(taken, "not a socket"), (short_dir / "folder", "a folder"), (short_dir / "live.sock", "listening")]
+        for path, said in cases:
+            done = labbook("kernel-server", "--socket", str(path))
+            assert done.returncode == 2, (path, done.stdout, done.stderr)
+            assert said in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert taken.read_text() == "the user's notes\n" and (short_dir / "folder").is_dir()
+        assert _accepts(short_dir / "live.sock")
+    finally:
+        live.close()
+
+    # A stale socket (its server died) is taken over; a second server on the live one is refused,
+    # also when it gets past the command's check (two started at once): the server checks as it binds.
+    path = short_dir / "k.sock"
+    stale = _listening_socket(path)
+    stale.close()  # the file stays, nobody listens
+    command = [str(LABBOOK), "kernel-server", "--socket", str(path)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _accepts(path):
+            assert first.poll() is None and time.monotonic() < deadline, first.stdout.read() if first.stdout else ""
+            time.sleep(0.2)
+        inode = path.stat().st_ino
+        second = labbook("kernel-server", "--socket", str(path))
+        assert second.returncode == 2 and "already listening" in second.stderr, second.stderr
+        racing = subprocess.run(
+            [sys.executable, "-m", "pipelines.kernel_fork", "--listen", str(path)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert racing.returncode == 2 and "already listening" in racing.stderr, racing.stderr[-2000:]
+        assert path.stat().st_ino == inode and _accepts(path)  # the first server's socket, still reachable
+
+        # The path now holds another server's socket (replaced behind the first one's back): stopping
+        # the first leaves it there.
+        path.unlink()
+        other = _listening_socket(path)
+        try:
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=30) in (0, 143)
+            assert path.is_socket() and _accepts(path), "the stopped server removed another server's socket"
+        finally:
+            other.close()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def test_10_a_stopped_server_removes_its_own_socket(short_dir: Path) -> None:
+    path = short_dir / "own.sock"
+    server, claimed = socket_claim.claim(str(path))
+    server.listen(1)
+    with pytest.raises(socket_claim.SocketPathTaken, match="already listening"):
+        socket_claim.claim(str(path))
+    server.close()
+    assert socket_claim.release(claimed) and not path.exists()
+    assert not socket_claim.release(claimed)  # gone already: nothing else is touched
