@@ -12,9 +12,10 @@ import os
 import random
 import time
 import warnings
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
@@ -116,24 +117,80 @@ def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
         optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {trial.number}: {exc}")
 
 
-def sampler(spec: SamplerSpec, worker: str | None = None) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; in a joined worker process (`worker` names it), seeded apart.
-
-    Each process samples with its own generator: with one seed for all, every worker drew the
-    same random start-up points, so 2 workers ran each parameter set twice. The study's own
-    process keeps the spec's seed, so a one-worker study is reproducible.
-    """
-    seed = spec.seed
-    if seed is not None and worker is not None:
-        seed = (seed + zlib.crc32(worker.encode())) % 2**32
+def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; with a seed, every trial samples from a seed of its own (see `_SeedPerTrial`)."""
     startup = {} if spec.n_startup_trials is None else {"n_startup_trials": spec.n_startup_trials}
-    if spec.name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **startup)
-    if spec.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **startup)
-    return optuna.samplers.CmaEsSampler(seed=seed, **startup)
+
+    def make(seed: int | None) -> optuna.samplers.BaseSampler:
+        if spec.name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **startup)
+        if spec.name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if spec.name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **startup)
+        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
+
+    return make(None) if spec.seed is None else _SeedPerTrial(make, spec.seed)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number` of a study seeded `seed` (numpy's SeedSequence: independent streams)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class _SeedPerTrial(optuna.samplers.BaseSampler):
+    """A sampler made afresh for each trial, seeded from (the spec's seed, the trial's number).
+
+    Every process that runs trials of a study (`labbook tune` twice, `labbook worker`, `--workers`)
+    loads the study with the spec's seed. A sampler seeded once per process draws the same random
+    sequence in each: two drivers started at once ran each parameter set twice. Trial numbers are
+    unique in a study, so seeding per trial keeps the processes apart, and a study's trial n draws
+    from the same seed however many processes ran it (reproducible with one). The samplers keep
+    their state in the study (TPE, GP and CMA-ES read the trials, CMA-ES its generation too), so
+    a fresh one per trial loses nothing but caches.
+    """
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._number: int | None = None
+        self._sampler = make(seed)
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number != self._number:
+            self._number = trial.number
+            self._sampler = self._make(trial_seed(self._seed, trial.number))
+        return self._sampler
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
 
 
 def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:

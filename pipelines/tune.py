@@ -75,12 +75,12 @@ class Study:
         assert self.spec.tune is not None
         return self.spec.tune
 
-    def load(self, heartbeat: bool = True, worker: str | None = None) -> optuna.Study:
-        """The study as one process sees it; `worker` names a process that joined (`labbook worker`)."""
+    def load(self, heartbeat: bool = True) -> optuna.Study:
+        """The study as one process sees it (its sampler seeded per trial: processes sample apart)."""
         return optuna.load_study(
             study_name=self.name,
             storage=studies.storage(self.storage_url, heartbeat=heartbeat),
-            sampler=studies.sampler(self.tune.sampler, worker),
+            sampler=studies.sampler(self.tune.sampler),
             pruner=studies.pruner(self.tune.pruner),
         )
 
@@ -202,11 +202,10 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
 class _Worker:
     """Runs trials of one study until its budget is spent; prints a progress line per trial."""
 
-    def __init__(self, handle: Study, parent_run_id: str, console: Console | None, worker: str | None = None) -> None:
+    def __init__(self, handle: Study, parent_run_id: str, console: Console | None) -> None:
         self.handle = handle
         self.parent_run_id = parent_run_id
         self.console = console
-        self.worker = worker  # set in a joined worker process: its sampler gets a seed of its own
         self.mlflow = tracking.client()
         self.kernels: KernelPool | None = None  # set while `run` runs
 
@@ -305,7 +304,7 @@ class _Worker:
 
     def _run_trials(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        study = self.handle.load(worker=self.worker)
+        study = self.handle.load()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -332,7 +331,7 @@ class _Worker:
 
 
 def _this_process() -> str:
-    """`host:pid`: which worker ran a trial, and what a joined worker's sampler seed is mixed with.
+    """`host:pid`: which worker ran a trial.
 
     The pid is the one the user started: a command forked by a kernel server (launch.py) runs in
     another process, but `kill` of the started one is what stops it.
@@ -384,7 +383,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
         )
     if console:
         console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
-    _Worker(handle, parent, console, worker=_this_process()).run(handle.timeout)
+    _Worker(handle, parent, console).run(handle.timeout)
 
 
 def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:

@@ -6,6 +6,7 @@ Each test runs real processes on real stores and names the case of the reliabili
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -16,10 +17,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
+import yaml
 
 from pipelines import socket_claim
-from tests.conftest import LABBOOK, labbook
+from pipelines import study as studies
+from pipelines.spec import PROJECT_ROOT
+from pipelines.tune_spec import SamplerSpec
+from tests.conftest import LABBOOK, labbook, metric_only_notebook
+
+SPECS = PROJECT_ROOT / "pipelines"
 
 
 @pytest.fixture
@@ -110,3 +118,45 @@ def test_10_a_stopped_server_removes_its_own_socket(short_dir: Path) -> None:
     server.close()
     assert socket_claim.release(claimed) and not path.exists()
     assert not socket_claim.release(claimed)  # gone already: nothing else is touched
+
+
+def test_7_two_drivers_of_one_study_sample_apart(store: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["notebook"] = str(metric_only_notebook(tmp_path, seconds=3))  # the sampling is under test, not training
+    raw["tune"]["sampler"] = {"name": "random", "seed": 1}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    command = [str(LABBOOK), "tune", str(spec), "--n-trials", "4", "--no-register", "--no-report"]
+    env = {**os.environ, "LABBOOK_WARM_KERNELS": "0"}
+    drivers = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for driver in drivers:
+        _, stderr = driver.communicate(timeout=600)
+        assert driver.returncode == 0, stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="regression_tune", storage=storage).trials
+    run = [t for t in trials if not t.user_attrs.get(studies.OVER_BUDGET_ATTR)]
+    assert len(run) == 4 and all(t.state.name == "COMPLETE" for t in run), [t.state.name for t in trials]
+    assert len({t.user_attrs["worker"] for t in run}) == 2  # both drivers ran trials
+    assert len({t.params["lr"] for t in run}) == 4, [t.params for t in run]  # none sampled twice
+
+
+@pytest.mark.parametrize("name", ["random", "tpe", "gp"])
+def test_7_a_trial_draws_from_its_own_seed_however_many_processes_sample(name: str) -> None:
+    """Trial n gets the same point from one sampler or from two taking turns: reproducible, and apart."""
+    spec = SamplerSpec(name=name, seed=1, n_startup_trials=2)
+
+    def points(samplers: list[optuna.samplers.BaseSampler]) -> list[float]:
+        storage = optuna.storages.InMemoryStorage()
+        optuna.create_study(study_name="s", storage=storage, direction="maximize")
+        found = []
+        for number in range(4):
+            study = optuna.load_study(study_name="s", storage=storage, sampler=samplers[number % len(samplers)])
+            trial = study.ask()
+            lr = trial.suggest_float("lr", 1e-5, 1.0, log=True)
+            study.tell(trial, -abs(lr - 0.01))
+            found.append(lr)
+        return found
+
+    alone = points([studies.sampler(spec)])
+    assert points([studies.sampler(spec), studies.sampler(spec)]) == alone
+    assert len(set(alone)) == 4
