@@ -201,6 +201,38 @@ TrialsOpt = Annotated[int | None, typer.Option("--n-trials", min=1, help="Trials
 TimeoutOpt = Annotated[float | None, typer.Option(min=1, help="Stop starting new trials after this many seconds.")]
 
 
+LauncherOpt = Annotated[
+    str | None, typer.Option(help="local (default) or slurm: where the work runs (default: the spec's launcher:).")
+]
+PartitionOpt = Annotated[str | None, typer.Option(help="SLURM partition (default: the spec's, else the cluster's).")]
+TimeOpt = Annotated[
+    str | None, typer.Option("--time", help="SLURM time limit per job: minutes, H:MIN:SEC or D-H:MIN.")
+]
+MemOpt = Annotated[str | None, typer.Option(help="SLURM memory per node, e.g. 8G.")]
+
+
+def _slurm_options(spec, launcher, partition, time_limit, cpus, gpus, mem, nodes: int = 1, tasks: int = 1):
+    """The SLURM options of a launch (spec's `launcher:`, then flags), checked against the cluster;
+    None for a local launch. Bad input exits 2 here, before any study or run exists."""
+    from pipelines.launchers import slurm
+
+    chosen = launcher or getattr(getattr(spec, "launcher", None), "name", None) or "local"
+    if chosen not in ("local", "slurm"):
+        raise _fail(f"--launcher: got {chosen!r}; expected local or slurm")
+    given = {"--partition": partition, "--time": time_limit, "--mem": mem, "--cpus/--gpus": cpus or gpus}
+    if chosen == "local":
+        if any(v is not None for v in given.values()):
+            raise _fail(f"{next(k for k, v in given.items() if v is not None)}: only with --launcher slurm")
+        return None
+    base = slurm.SlurmOptions(**(spec.launcher.slurm_options() if getattr(spec, "launcher", None) else {}))
+    options = base.merged(partition=partition, time=time_limit, cpus_per_task=cpus, gpus_per_task=gpus, mem=mem)
+    try:
+        slurm.check(options, nodes=nodes, tasks_per_node=tasks)
+    except SpecError as exc:
+        raise _fail(str(exc)) from None
+    return options
+
+
 def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study_name):
     from pipelines.tune import open_study
 
@@ -225,19 +257,37 @@ def tune(
     ] = 0,
     seeds: Annotated[int, typer.Option(min=2, help="Seeds per configuration for --confirm-top.")] = 3,
     report: Annotated[bool, typer.Option(help="Execute notebooks/report.ipynb and attach it to the study.")] = True,
+    launcher: LauncherOpt = None,
+    partition: PartitionOpt = None,
+    time_limit: TimeOpt = None,
+    cpus_per_worker: Annotated[int | None, typer.Option(min=1, help="SLURM: CPUs of each worker.")] = None,
+    gpus_per_worker: Annotated[int | None, typer.Option(min=0, help="SLURM: GPUs of each worker.")] = None,
+    mem: MemOpt = None,
 ) -> None:
     """Search the spec's tune: space with Optuna; every trial is an executed notebook run."""
+    from pipelines.launchers.slurm import LaunchFailed
     from pipelines.tune import tune as run_study
 
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    slurm = _slurm_options(handle.spec, launcher, partition, time_limit, cpus_per_worker, gpus_per_worker, mem)
+    elsewhere = None
+    if slurm is not None:
+        from functools import partial
+
+        from pipelines.launchers.slurm import run_study as slurm_study
+
+        elsewhere = partial(slurm_study, count=workers, options=slurm)
     _stop_on_sigterm()
     try:
         result = run_study(
-            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds, report=report
-        )
+            handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds,
+            report=report, launcher=elsewhere,
+        )  # fmt: skip
     except SpecError as exc:
         raise _fail(str(exc)) from None
     except TrackingUnavailable as exc:
+        raise _fail(str(exc), code=1) from None
+    except LaunchFailed as exc:  # SLURM workers ended with budget left
         raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None

@@ -192,7 +192,16 @@ def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
     }
     if seed is not None:
         tags[f"{TAG_PREFIX}seed"] = str(seed)
-    return tags
+    return tags | scheduler_tags()
+
+
+def scheduler_tags() -> dict[str, str]:
+    """The SLURM job this process runs in (`labbook jobs` reads it): `12_3` for task 3 of array 12."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {f"{TAG_PREFIX}slurm_job_id": f"{array}_{task}" if array and task else job}
 
 
 def start_run(

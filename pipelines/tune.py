@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -418,8 +419,13 @@ def tune(
     confirm_top: int = 0,
     seeds: int = 3,
     report: bool = True,
+    launcher: Callable[[Study, str, Console | None], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) the study to its budget with `workers` processes, then summarize it."""
+    """Run (or resume) the study to its budget with `workers` processes, then summarize it.
+
+    `launcher(handle, parent_run_id, console)`, if given, runs the trials elsewhere instead of
+    this process and `workers - 1` local ones (e.g. a SLURM job array, `launchers.slurm`).
+    """
     created, parent = create(handle)
     mlflow = tracking.client()
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -428,9 +434,12 @@ def tune(
         console.print(f"study {handle.name!r} on {tracking.redact(handle.storage_url)}; MLflow parent run {parent}")
         console.print(progress_line(created, handle))
     started = time.monotonic()
-    others = _worker_processes(handle, workers - 1)
+    others = _worker_processes(handle, workers - 1) if launcher is None else []
     try:
-        _Worker(handle, parent, console).run(handle.timeout)
+        if launcher is None:
+            _Worker(handle, parent, console).run(handle.timeout)
+        else:
+            launcher(handle, parent, console)
     except BaseException as exc:
         # Stop the other workers (they record their running trials as interrupted), keep the
         # trials table on the parent run, and close it FAILED with the reason.
