@@ -127,8 +127,8 @@ def test_the_catalog_specs_are_checked_against_describes_the_registered_classes(
         for name, cls in table.items():
             entry = catalog.entry(kind, name)
             assert list(entry.settings) == list(init_parameters(cls))
-            own = typing.get_type_hints(cls.__init__)
-            for setting, tp in entry.types().items():  # every written type reads back as the class's own
+            own = typing.get_type_hints(cls.__init__, include_extras=True)
+            for setting, tp in entry.types().items():  # every type and range reads back as declared
                 assert setting not in own or tp == own[setting] or entry.settings[setting] == "Any", (name, setting)
 
 
