@@ -19,7 +19,7 @@ from annotated_types import Ge, Gt, Le
 from torch import nn
 
 from lightning_modules.minilm import encoder as pretrained_encoder
-from lightning_modules.settings import PositiveInt, Sizes, checked
+from lightning_modules.settings import Sizes, checked
 from lightning_modules.tasks import ClassifierModule
 
 Mode = Literal["frozen", "top_k", "full"]
@@ -55,7 +55,7 @@ class FineTune(ClassifierModule):
     def __init__(
         self,
         input_shape: Sizes = (48,),
-        num_classes: PositiveInt = 6,
+        num_classes: Annotated[int, Ge(2)] = 6,
         mode: Mode = "full",
         unfreeze_layers: Annotated[int, Ge(0), Le(6)] = 2,  # all-MiniLM-L6-v2 has 6 layers
         layer_decay: Annotated[float, Gt(0), Le(1)] = 1.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from annotated_types import Len
+from annotated_types import Ge, Len
 
 from lightning_modules.components import MLP, ConvNet
 from lightning_modules.settings import PositiveInt, Sizes, checked
@@ -23,7 +23,7 @@ class MLPClassifier(ClassifierModule):
     def __init__(
         self,
         input_shape: Sizes = (64,),
-        num_classes: PositiveInt = 10,
+        num_classes: Annotated[int, Ge(2)] = 10,
         hidden_sizes: Sizes = (50,),
         **optim: Any,
     ) -> None:
@@ -42,7 +42,7 @@ class CNN(ClassifierModule):
     def __init__(
         self,
         input_shape: Sizes = (1, 8, 8),
-        num_classes: PositiveInt = 10,
+        num_classes: Annotated[int, Ge(2)] = 10,
         channels: Annotated[Sizes, Len(2, 2)] = (16, 32),  # two conv blocks
         fc_hidden: PositiveInt = 64,
         **optim: Any,
