@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,19 +39,62 @@ SetOpt = Annotated[
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into the same orderly stop as Ctrl-C (runs closed, notebooks kept)."""
+    """SIGTERM or SIGHUP (its terminal closed), turned into the same orderly stop as Ctrl-C
+    (runs closed FAILED "interrupted", notebooks kept)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _stop_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
-        raise Terminated
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def _exit_code(exc: KeyboardInterrupt) -> int:
+    return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
-    err.print("interrupted: run the same command again to resume")
-    return typer.Exit(143 if isinstance(exc, Terminated) else 130)
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        err.print("interrupted: run the same command again to resume")
+    return typer.Exit(_exit_code(exc))
+
+
+def _before_writing() -> None:
+    """Checks before a command writes anything: the heartbeat setting (exit 2), a read-only store (exit 1)."""
+    from pipelines.driver import heartbeat_seconds
+    from pipelines.tracking import check_writable, store_problem
+
+    try:
+        heartbeat_seconds()
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        check_writable()
+    except OSError as exc:
+        raise _fail(store_problem(exc) or str(exc), code=1) from None
+
+
+def _close_dead_runs() -> None:
+    """Runs whose driver died, closed FAILED on the way into a command (never failing it)."""
+    from pipelines.reap import reap_quietly
+
+    reap_quietly(lambda line: err.print(line, markup=False, highlight=False))
+
+
+def _store_failed(exc: Exception) -> typer.Exit:
+    """A full or read-only store, said in one line (exit 1); any other error goes on as it was."""
+    from pipelines.tracking import store_problem
+
+    problem = store_problem(exc)
+    if problem is None:
+        raise exc
+    return _fail(problem, code=1)
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -147,11 +191,14 @@ def run(
     out.print(f"running {spec} → {tracking_uri()}")
     try:
         check_server()
+        _close_dead_runs()
         result = run_training(loaded, spec_path=spec, run_name=run_name)
     except TrackingUnavailable as exc:
         raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
+    except Exception as exc:
+        raise _store_failed(exc) from None
     out.print(f"run id: {result.run_id}  status: {result.status}")
     out.print(f"executed notebook: {result.notebook}")
     if result.metrics:
@@ -175,9 +222,11 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
             pipeline.step(from_step)
         except SpecError as exc:
             raise _fail(str(exc)) from None
+    _before_writing()
     _stop_on_sigterm()
     out.print(f"running pipeline {spec} → {tracking_uri()}")
     try:
+        _close_dead_runs()
         result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)
     except SpecError as exc:
         raise _fail(str(exc)) from None
@@ -277,8 +326,10 @@ def tune(
         from pipelines.launchers.slurm import run_study as slurm_study
 
         elsewhere = partial(slurm_study, count=workers, options=slurm)
+    _before_writing()
     _stop_on_sigterm()
     try:
+        _close_dead_runs()
         result = run_study(
             handle, workers=workers, register=register, console=out, confirm_top=confirm_top, seeds=seeds,
             report=report, launcher=elsewhere,
@@ -291,6 +342,8 @@ def tune(
         raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
+    except Exception as exc:
+        raise _store_failed(exc) from None
     if result.counts["COMPLETE"] == 0:
         errors = result.summary["error"].dropna() if result.summary is not None and len(result.summary) else []
         raise _fail(f"no trial completed; first error: {errors.iloc[0] if len(errors) else 'none recorded'}", code=1)
@@ -311,8 +364,10 @@ def worker(
     from pipelines.tune import run_worker
 
     handle = _study(spec, set_, n_trials, timeout, storage, study_name)
+    _before_writing()
     _stop_on_sigterm()
     try:
+        _close_dead_runs()
         run_worker(handle, console=None if quiet else out, wait=wait)
     except SpecError as exc:
         raise _fail(str(exc)) from None
@@ -320,6 +375,8 @@ def worker(
         raise _fail(str(exc), code=1) from None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc) from None
+    except Exception as exc:
+        raise _store_failed(exc) from None
 
 
 @app.command()
@@ -342,6 +399,7 @@ def compare(
         raise _fail(f"--format: got {format_!r}; expected one of table, csv, markdown, html")
     if format_ == "table" and output is not None:
         raise _fail("--output needs --format csv, markdown or html")
+    _close_dead_runs()
     try:
         frame = compare_runs(experiment, study, pipeline_run, metric, top)
     except ValueError as exc:
@@ -444,6 +502,7 @@ def ui(
     if uri.startswith(("http://", "https://")):
         out.print(f"runs are tracked by the MLflow server at {uri}: open it in a browser")
         return
+    _close_dead_runs()
     out.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
@@ -462,7 +521,7 @@ def _serve(command: list[str], env: dict[str, str]) -> None:
     try:
         code = server.wait()
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
+        code = _exit_code(exc)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -471,6 +530,39 @@ def _serve(command: list[str], env: dict[str, str]) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     raise typer.Exit(code)
+
+
+@app.command()
+def reap(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them; close nothing.")] = False,
+) -> None:
+    """Close runs whose driver died (kill -9, a lost machine) as FAILED "driver died", with their partial notebook.
+
+    On this machine a driver is dead when none of its processes lives (a reused pid does not
+    count); elsewhere when its heartbeat is 10 intervals old. run, tune, worker, compare and ui
+    do this on the way in.
+    """
+    from pipelines.driver import heartbeat_seconds
+    from pipelines.reap import reap as reap_runs
+    from pipelines.tracking import store_problem, tracking_uri
+
+    try:
+        heartbeat_seconds()
+        found = reap_runs(dry_run=dry_run)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:
+        raise _fail(store_problem(exc) or f"{tracking_uri()}: {type(exc).__name__}", code=1) from None
+    if not found:
+        out.print("no run with a dead driver")
+        return
+    table = Table("run id", "experiment", "run", "closed" if not dry_run else "would close", "reason", "notebook")
+    for item in found:
+        closed = "yes" if item.closed else ("-" if dry_run else "no")
+        table.add_row(item.run_id, item.experiment, item.run_name, closed, item.reason, item.notebook or "")
+    out.print(table)
+    if not dry_run and not all(item.closed for item in found):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -106,15 +106,37 @@ def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
     """
     _retry(study, trial)
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
-    if not run_id:
-        return
+    if run_id:
+        reason = f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat); trial retried"
+        fail_run(run_id, trial.number, reason)
+
+
+def fail_run(run_id: str, number: int, reason: str) -> None:
+    """The MLflow run of a trial Optuna holds FAIL: FAILED, `labbook.trial_state=FAIL`, with the reason.
+
+    A run already saying so keeps its own reason. Never raises: the study's bookkeeping matters
+    more than the run's record, which the next resume reconciles again.
+    """
     mlflow = tracking.client()
     try:
-        if mlflow.get_run(run_id).info.status == "RUNNING":
-            reason = f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat); trial retried"
+        run = mlflow.get_run(run_id)
+        if run.info.status == "FAILED" and run.data.tags.get(tracking.TRIAL_STATE_TAG) == "FAIL":
+            return
+        if run.info.status != "FAILED":
             tracking.finish_run(mlflow, run_id, reason)
-    except Exception as exc:  # the study's bookkeeping matters more than the run's status
-        optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {trial.number}: {exc}")
+        mlflow.set_tag(run_id, tracking.TRIAL_STATE_TAG, "FAIL")
+    except Exception as exc:  # noqa: BLE001
+        optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {number}: {exc}")
+
+
+def reconcile_runs(study: optuna.Study) -> None:
+    """Every FAIL trial's MLflow run made to say FAIL too (a driver killed between the two writes,
+    or a run another process closed FINISHED): the record agrees with Optuna."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            reason = trial.user_attrs.get("error") or "the trial failed (Optuna holds it FAIL)"
+            fail_run(run_id, trial.number, str(reason))
 
 
 def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:

@@ -7,6 +7,7 @@ directory) with artifacts in `mlruns/artifacts/`. `MLFLOW_TRACKING_URI` override
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,11 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
+from pipelines import driver
 from pipelines.errors import TrackingUnavailable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "labbook."
 OUTPUT_TAG_PREFIX = f"{TAG_PREFIX}output."  # a step's outputs for later steps, as JSON
+TRIAL_STATE_TAG = f"{TAG_PREFIX}trial_state"  # a trial's run: RUNNING, then COMPLETE, PRUNED or FAIL as Optuna holds it
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
 
 
@@ -96,10 +99,67 @@ def client(uri: str | None = None) -> MlflowClient:
     if match is None:
         return MlflowClient(tracking_uri=uri)
     database = Path(match.group(1))
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(database.with_name(database.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        if database.is_file():  # a read-only store: reading needs no lock, and nobody can migrate it here
+            return MlflowClient(tracking_uri=uri)
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed; MLflow keeps the store open after
         return MlflowClient(tracking_uri=uri)
+
+
+_FULL = ("database or disk is full", "no space left on device", "disk quota exceeded")
+_READ_ONLY = ("readonly database", "read-only file system")
+
+
+def store_problem(exc: BaseException, uri: str | None = None) -> str | None:
+    """One line when `exc` (or what caused it) says the store cannot be written: read-only or full.
+
+    None for any other error, which the caller lets through. The line names the store, never
+    the database's error text (it may quote SQL and values).
+    """
+    import errno
+
+    seen: BaseException | None = exc
+    text = ""
+    for _ in range(10):  # the chain of causes, bounded
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            text = "no space left on device"
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.EROFS:
+            text = "read-only file system"
+            break
+        text = f"{text} {seen}".lower()
+        seen = seen.__cause__ or seen.__context__
+    where = redact(uri or tracking_uri())
+    if any(marker in text for marker in _FULL):
+        return f"the store {where} cannot be written: its disk is full; free space, then run the command again"
+    if any(marker in text for marker in _READ_ONLY):
+        return f"the store {where} is read-only: labbook can read it (compare, diff) but not add runs to it"
+    return None
+
+
+def check_writable(uri: str | None = None) -> None:
+    """Before a command writes anything: a local store that cannot be written says so now, in one line.
+
+    Raises OSError (EROFS) for a read-only SQLite store or folder; a store elsewhere is left to
+    the writes themselves (see `store_problem`).
+    """
+    import errno
+
+    uri = uri or tracking_uri()
+    folder = local_store_dir(uri)
+    if folder is None or not folder.exists():
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    targets = [folder, database] if database.exists() else [folder]
+    if not all(os.access(path, os.W_OK) for path in targets):
+        raise OSError(errno.EROFS, "read-only file system", str(folder))
 
 
 def check_server(uri: str | None = None) -> None:
@@ -211,23 +271,40 @@ def start_run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Create a RUNNING run (nested under `parent_run_id` if given) and return its id."""
+    """Create a RUNNING run (nested under `parent_run_id` if given) and return its id.
+
+    This process becomes the run's driver (pipelines/driver.py): tagged with who it is, it
+    heart-beats the run until `finish_run`, so a later command can tell when it died.
+    """
     experiment_id = ensure_experiment(mlflow, experiment_name)
-    all_tags = dict(tags or {})
+    all_tags = {**driver.tags(), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     if run_name:
         all_tags[MLFLOW_RUN_NAME] = run_name
     run = mlflow.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
+    driver.drive(mlflow, run.info.run_id, tag=False)
     return run.info.run_id
 
 
+def reopen_run(mlflow: MlflowClient, run_id: str) -> None:
+    """A closed run RUNNING again (a resumed study or pipeline), this process its driver now."""
+    mlflow.update_run(run_id, status="RUNNING")
+    driver.drive(mlflow, run_id)
+
+
 def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> None:
-    """Close a run: FINISHED, or FAILED with the one-line error as a tag."""
-    if error:
-        mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
+    """Close a run: FINISHED, or FAILED with the one-line error as a tag.
+
+    The status is written first: when the store can take only one more write (a full disk),
+    the run says FAILED, never FINISHED or RUNNING; the reason follows, best effort.
+    """
+    driver.release(run_id)
     status = RunStatus.FAILED if error else RunStatus.FINISHED
     mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    if error:
+        with contextlib.suppress(Exception):  # the status already says it failed
+            mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
 
 
 def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:

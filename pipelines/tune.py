@@ -38,7 +38,7 @@ from pipelines.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
 if TYPE_CHECKING:
     from pipelines.kernel_pool import KernelPool
 
-TRIAL_STATE_TAG = f"{tracking.TAG_PREFIX}trial_state"
+TRIAL_STATE_TAG = tracking.TRIAL_STATE_TAG
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -142,7 +142,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
     parent_id = created.user_attrs.get(studies.PARENT_RUN_ATTR)
     if parent_id:
         try:
-            mlflow.update_run(parent_id, status="RUNNING")
+            tracking.reopen_run(mlflow, parent_id)  # this process drives it now
             return parent_id
         except Exception:  # the run was deleted from MLflow: start a new parent
             pass
@@ -197,6 +197,7 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
     created.set_user_attr("pruner", tune.pruner.model_dump())
     created.set_user_attr("metric", tune.metric)
     studies.fail_stale_trials(created)
+    studies.reconcile_runs(created)  # a trial FAIL in Optuna has its MLflow run FAILED, whatever happened
     return created, _ensure_parent_run(handle, created)
 
 
@@ -241,6 +242,9 @@ class _Worker:
         except KeyboardInterrupt:
             trial.set_user_attr("error", "interrupted")
             trial.set_user_attr(studies.INTERRUPTED_ATTR, True)
+            run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
+            if run_id:  # Optuna records the trial FAIL: its run says so too
+                studies.fail_run(run_id, trial.number, "interrupted")
             raise
         trial.set_user_attr(studies.RUN_ID_ATTR, result.run_id)
         if result.pruned:
