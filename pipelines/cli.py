@@ -173,6 +173,14 @@ def run(
     ] = None,
     trigger: Annotated[str, typer.Option(hidden=True, help="manual or scheduled (set by the scheduler).")] = "manual",
     schedule_id: Annotated[str | None, typer.Option(hidden=True, help="The schedule that fired this run.")] = None,
+    launcher: LauncherOpt = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="SLURM: nodes of the training job.")] = None,
+    devices: Annotated[int | None, typer.Option(min=1, help="SLURM: DDP ranks (srun tasks) per node.")] = None,
+    partition: PartitionOpt = None,
+    time_limit: TimeOpt = None,
+    cpus_per_task: Annotated[int | None, typer.Option(min=1, help="SLURM: CPUs of each rank.")] = None,
+    gpus_per_task: Annotated[int | None, typer.Option(min=0, help="SLURM: GPUs of each rank.")] = None,
+    mem: MemOpt = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
     from pipelines.tracking import check_server, tracking_uri
@@ -187,7 +195,15 @@ def run(
     from pipelines.run import run_training
 
     loaded = _load(spec, set_)
+    slurm = _slurm_options(
+        loaded, launcher, partition, time_limit, cpus_per_task, gpus_per_task, mem, nodes or 1, devices or 1
+    )
+    if slurm is None and (nodes or devices):
+        raise _fail("--nodes/--devices: only with --launcher slurm (locally: --set devices=N)")
     _stop_on_sigterm()
+    if slurm is not None:
+        _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name)
+        return
     out.print(f"running {spec} → {tracking_uri()}")
     try:
         check_server()
@@ -208,6 +224,24 @@ def run(
         out.print(table)
     if result.error:
         raise _fail(f"notebook failed: {result.error}", code=1)
+
+
+def _run_on_slurm(loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None) -> None:
+    from pipelines.launchers.slurm import LaunchFailed, submit_training
+    from pipelines.tracking import check_server, tracking_uri
+
+    out.print(f"running {spec} on SLURM → {tracking_uri()}")
+    try:
+        check_server()
+        job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out)
+    except (TrackingUnavailable, LaunchFailed) as exc:
+        raise _fail(str(exc), code=1) from None
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc) from None
+    requeues = f", requeued {job.restarts}x" if job.restarts else ""
+    out.print(f"run id: {job.run_id}  SLURM job {job.job_id}: {job.state}{requeues}")
+    if job.state != "COMPLETED":
+        raise _fail(f"SLURM job {job.job_id} ended {job.state}; its log: {job.folder}/slurm-{job.job_id}.log", code=1)
 
 
 def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, trigger: str, schedule_id: str | None):
@@ -377,6 +411,23 @@ def worker(
         raise _interrupted(exc) from None
     except Exception as exc:
         raise _store_failed(exc) from None
+
+
+@app.command()
+def jobs(
+    limit: Annotated[int, typer.Option(min=1, help="The newest N runs.")] = 100,
+) -> None:
+    """Which runs and trials ran (or run) on which SLURM job, and the job's state now."""
+    from pipelines.launchers.slurm import jobs as slurm_jobs
+
+    rows = slurm_jobs(limit)
+    if not rows:
+        out.print("no runs on SLURM jobs")
+        return
+    table = Table("SLURM job", "job state", "run", "MLflow status", "run id", title="runs on SLURM jobs")
+    for row in rows:
+        table.add_row(row.job, row.state, escape(row.what), row.run_status, row.run_id)
+    out.print(table)
 
 
 @app.command()

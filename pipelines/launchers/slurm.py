@@ -240,8 +240,8 @@ def submit_workers(handle: Study, count: int, options: SlurmOptions) -> tuple[st
         time=minutes(options.time) if options.time else None,
         cpus_per_task=options.cpus_per_task,
         gpus_per_task=options.gpus_per_task or None,
-        mem=options.mem,
         array_parallelism=count,
+        additional_parameters={"mem": options.mem} if options.mem else None,  # submitit's `mem` takes GB only
         stderr_to_stdout=True,
     )
     jobs = executor.map_array(study_worker, [handle] * count, [tracking.tracking_uri()] * count)
@@ -297,3 +297,175 @@ def run_study(handle: Study, parent: str, console: Console | None, count: int, o
     except BaseException:
         cancel(arrays)
         raise
+
+
+# --- which runs are on which job ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job: str  # `12_3` (array task), `12` (a job or a study's whole array)
+    state: str  # squeue's state, or "ENDED" once the controller has forgotten the job
+    run_id: str
+    what: str  # `trial 3 of study s`, `study s`, `run r`
+    run_status: str  # MLflow's
+
+
+def jobs(limit: int = 100) -> list[JobRow]:
+    """The newest `limit` runs recorded inside (or submitting) a SLURM job, with the job's state."""
+    from pipelines import tracking
+
+    mlflow = tracking.client()
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    if not experiments:
+        return []
+    runs = mlflow.search_runs(
+        experiments, f"tags.`{JOB_TAG}` LIKE '%'", max_results=limit, order_by=["attributes.start_time DESC"]
+    )
+    ids = sorted({job for run in runs for job in run.data.tags[JOB_TAG].split(",")})
+    found = states(ids)
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        study = tags.get(f"{tracking.TAG_PREFIX}study_name")
+        if tags.get(f"{tracking.TAG_PREFIX}kind") == "study":
+            what = f"study {study}"
+        elif study and f"{tracking.TAG_PREFIX}trial_number" in tags:
+            what = f"trial {tags[f'{tracking.TAG_PREFIX}trial_number']} of study {study}"
+        else:
+            what = f"run {run.info.run_name}"
+        for job in tags[JOB_TAG].split(","):
+            state = found.get(job) or describe({k: v for k, v in found.items() if k.startswith(f"{job}_")})
+            rows.append(JobRow(job, "ENDED" if state == "none listed" else state, run.info.run_id, what,
+                               run.info.status))  # fmt: skip
+    return rows
+
+
+# --- one training as one sbatch job of srun tasks -----------------------------------------
+
+REQUEUE_SIGNAL = "SIGUSR1@90"  # Lightning's SLURM requeue signal, 90 s before the time limit
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    job_id: str
+    run_id: str
+    folder: Path  # the job's working directory: script, log, Lightning's hpc_ckpt_*.ckpt
+    state: str  # the job's last state (COMPLETED, FAILED, CANCELLED, ...)
+    restarts: int  # how often SLURM requeued it
+
+
+def training_script(folder: Path, options: SlurmOptions, nodes: int, devices: int, name: str) -> str:
+    """The sbatch script: `srun` starts nodes × devices tasks of train.py, Lightning's ranks.
+
+    `--signal` makes SLURM send SIGUSR1 to every task 90 s before the time limit (and
+    `scancel --signal=USR1` does the same by hand): Lightning's SLURM environment then saves
+    `hpc_ckpt_N.ckpt` in the working directory and runs `scontrol requeue`; `--requeue` lets
+    the job be queued again, and the requeued job's Lightning resumes from that checkpoint.
+    """
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=labbook-run-{name}"[:80]]
+    lines += [f"#SBATCH {flag}" for flag in _flags(options, nodes, devices)]
+    lines += [
+        f"#SBATCH --signal={REQUEUE_SIGNAL}",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={folder}/slurm-%j.log",
+        f"#SBATCH --chdir={folder}",
+        f"export OMP_NUM_THREADS={options.cpus_per_task}",
+        'echo "labbook: job $SLURM_JOB_ID starts (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+        # exec: SLURM's signals reach srun itself, which hands them to the tasks.
+        f"exec srun --kill-on-bad-exit=1 {sys.executable} -u {folder / 'train.py'}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit_training(
+    spec: Any,
+    spec_path: Path | None,
+    options: SlurmOptions,
+    nodes: int,
+    devices: int,
+    run_name: str | None = None,
+    console: Console | None = None,
+) -> TrainingJob:
+    """Train the spec as one SLURM job of `nodes` × `devices` DDP ranks; wait for it; one MLflow run.
+
+    The run is made here, before the job (so a job that never starts still leaves a record), and
+    every attempt of the job (requeues included) logs into it from rank 0. The script and the
+    job's log are attached to it; it is closed FINISHED when the job completes, else FAILED.
+    Ctrl-C or SIGTERM cancels the job and closes the run FAILED ("interrupted").
+    """
+    from pipelines import tracking
+    from pipelines.script import notebook_script
+
+    spec = spec.with_overrides({"strategy": "ddp", "devices": devices, "num_nodes": nodes})
+    uri = tracking.tracking_uri()
+    mlflow = tracking.client(uri)
+    name = run_name or spec.name
+    run_id = tracking.start_run(
+        mlflow,
+        spec.experiment_name,
+        run_name=name,
+        tags={
+            f"{tracking.TAG_PREFIX}spec": spec.name,
+            f"{tracking.TAG_PREFIX}launcher": "slurm",
+            **({f"{tracking.TAG_PREFIX}spec_path": str(spec_path)} if spec_path else {}),
+            **tracking.provenance_tags(spec.trainer.seed, spec.notebook),
+        },
+    )
+    folder = _folder("run", name)
+    try:
+        script = notebook_script(
+            spec, spec_path, folder / "train.py", str(tracking.output_dir(uri, run_id)),
+            extra={"run_id": run_id, "tracking_uri": uri, "run_name": name},
+        )  # fmt: skip
+        batch = folder / "job.sbatch"
+        batch.write_text(training_script(folder, options, nodes, devices, name), encoding="utf-8")
+        submitted = _run("sbatch", "--parsable", str(batch), timeout=60)
+        if submitted.returncode != 0:
+            raise LaunchFailed(f"sbatch refused the job: {_one_line(submitted.stderr)}")
+        job = submitted.stdout.strip().split(";")[0]
+        mlflow.set_tag(run_id, JOB_TAG, job)
+        if console:
+            console.print(f"submitted SLURM job {job}: {nodes} node(s) × {devices} task(s); run {run_id}")
+            console.print(f"log: {folder / f'slurm-{job}.log'}")
+        state, restarts = _follow(job, mlflow, run_id, console)
+    except BaseException as exc:
+        if "job" in locals():
+            cancel([job])
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        tracking.finish_run(mlflow, run_id, reason)
+        raise
+    mlflow.log_artifact(run_id, str(script), "script")
+    log = folder / f"slurm-{job}.log"
+    if log.exists():
+        mlflow.log_artifact(run_id, str(log), "script")
+    error = None if state == "COMPLETED" else f"SLURM job {job} ended {state}; its log: {log}"
+    tracking.finish_run(mlflow, run_id, error)
+    return TrainingJob(job, run_id, folder, state, restarts)
+
+
+def _follow(job: str, mlflow: Any, run_id: str, console: Console | None) -> tuple[str, int]:
+    """Wait for the job to end, printing each state change; its final state and restart count."""
+    shown, restarts = "", 0
+    while True:
+        info = _job_info(job)
+        state = info.get("JobState") or states([job]).get(job, "ENDED")
+        restarts = max(restarts, int(info.get("Restarts", "0") or 0))
+        if state != shown:
+            if console:
+                console.print(f"job {job}: {state}" + (f" (restart {restarts})" if restarts else ""))
+            if state == "RUNNING" and shown:  # a requeued attempt: Lightning closed the run when it saved
+                mlflow.update_run(run_id, status="RUNNING")
+            shown = state
+        if state not in LIVE:
+            return state, restarts
+        time.sleep(POLL_SECONDS)
+
+
+def _job_info(job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); empty once forgotten."""
+    shown = _run("scontrol", "show", "job", "-o", job)
+    if shown.returncode != 0:
+        return {}
+    return dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
