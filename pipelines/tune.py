@@ -620,4 +620,5 @@ def print_summary(console: Console, handle: Study, result: StudyResult) -> None:
     if result.champion:
         c = result.champion
         moved = "moved to" if c["promoted"] else "stays on"
-        console.print(f"registered {c['name']} v{c['version']}; alias champion {moved} v{c['champion_version']}")
+        held = f"{moved} v{c['champion_version']}" if c["champion_version"] else "not set"
+        console.print(f"registered {c['name']} v{c['version']}; alias champion {held} ({c['reason']})")

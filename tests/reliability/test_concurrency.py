@@ -6,6 +6,8 @@ Each test runs real processes on real stores and names the case of the reliabili
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -20,12 +22,14 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from mlflow import MlflowClient
 
-from pipelines import socket_claim
+from pipelines import champion, socket_claim
 from pipelines import study as studies
 from pipelines.spec import PROJECT_ROOT
 from pipelines.tune_spec import SamplerSpec
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
+from tests.test_scale_out import database  # noqa: F401 - fresh PostgreSQL databases, dropped after
 
 SPECS = PROJECT_ROOT / "pipelines"
 
@@ -160,3 +164,101 @@ def test_7_a_trial_draws_from_its_own_seed_however_many_processes_sample(name: s
     alone = points([studies.sampler(spec)])
     assert points([studies.sampler(spec), studies.sampler(spec)]) == alone
     assert len(set(alone)) == 4
+
+
+_PROMOTER = """
+import json, os, sys, time
+from pipelines.champion import promote
+run_id, folder, rounds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(folder, "go")):
+    time.sleep(0.01)
+start = float(open(os.path.join(folder, "go")).read())
+for number, value in enumerate(rounds):
+    time.sleep(max(0.0, start + number - time.time()))  # every process promotes round n at the same moment
+    promote(f"race-{number}", run_id, "val_acc", "maximize", value)
+"""
+
+
+def _logged_model(uri: str) -> str:
+    """A run with a tiny logged model (a pyfunc that returns its input): what promote registers."""
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):  # noqa: ANN001, ANN201 - MLflow's signature
+            return model_input
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("promotions") or client.get_experiment(
+        client.create_experiment("promotions")
+    )
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=Echo(), pip_requirements=["mlflow"])
+    return run.info.run_id
+
+
+def _champion_value(client: MlflowClient, name: str) -> float:
+    return float(client.get_model_version_by_alias(name, champion.CHAMPION).tags["labbook.val_acc"])
+
+
+def _race(uri: str, folder: Path, processes: int = 6, rounds: int = 3) -> None:
+    """`processes` real processes promote one model name at the same moment, `rounds` times (a
+    NaN among each round's values); the champion must end on the best finite value every time."""
+    run_id = _logged_model(uri)
+    values = [[0.80 + 0.01 * ((p * 7 + r * 3) % processes) for r in range(rounds)] for p in range(processes)]
+    for r in range(rounds):
+        values[r % processes][r] = float("nan")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    command = [sys.executable, "-c", _PROMOTER, run_id, str(folder)]
+    started = [
+        subprocess.Popen([*command, json.dumps(v)], env=env, cwd=folder, stderr=subprocess.PIPE, text=True)
+        for v in values
+    ]
+    deadline = time.monotonic() + 180
+    while len(list(folder.glob("ready-*"))) < processes:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in started)
+        time.sleep(0.1)
+    (folder / "go").write_text(str(time.time() + 0.5))
+    for process in started:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    client = MlflowClient(uri)
+    for r in range(rounds):
+        best = max(v[r] for v in values if not math.isnan(v[r]))
+        assert _champion_value(client, f"race-{r}") == pytest.approx(best), f"round {r}: {[v[r] for v in values]}"
+
+
+def test_8_concurrent_promotions_on_sqlite_leave_the_champion_on_the_best_model(store: str, tmp_path: Path) -> None:
+    _race(store, tmp_path)
+
+
+def test_8_concurrent_promotions_on_postgresql_leave_the_champion_on_the_best_model(
+    database,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri = database("mlflow")
+    monkeypatch.chdir(tmp_path)
+    MlflowClient(uri).search_experiments()  # the store's tables made once, before the racers open it
+    _race(uri, tmp_path)
+
+
+def test_8_a_non_finite_value_is_never_champion_and_a_non_finite_champion_is_replaced(store: str) -> None:
+    run_id = _logged_model(store)
+    client = MlflowClient(store)
+    first = champion.promote("m", run_id, "val_acc", "maximize", float("nan"))
+    assert not first["promoted"] and first["champion_version"] is None and "never promoted" in first["reason"]
+    assert champion.promote("m", run_id, "val_acc", "maximize", 0.5)["promoted"]
+    assert not champion.promote("m", run_id, "val_acc", "maximize", float("inf"))["promoted"]
+    assert not champion.promote("m", run_id, "val_acc", "maximize", 0.4)["promoted"]
+    assert _champion_value(client, "m") == 0.5
+
+    # A champion recorded with NaN (as an older labbook promoted it): any finite value replaces it.
+    stuck = champion.promote("n", run_id, "val_loss", "minimize", 1.0)
+    client.set_model_version_tag("n", str(stuck["version"]), "labbook.val_loss", "nan")
+    replaced = champion.promote("n", run_id, "val_loss", "minimize", 7.0)
+    assert replaced["promoted"] and replaced["previous_value"] is None
+    assert int(client.get_model_version_by_alias("n", champion.CHAMPION).version) == replaced["version"]
+    with pytest.raises(ValueError, match="direction: got 'max'"):
+        champion.promote("n", run_id, "val_loss", "max", 1.0)
