@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from pipelines.spec import Spec
 
-from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines.spec_io import MAX_EXPERIMENT, MAX_NAME, PROJECT_ROOT, SpecError, one_line, read_yaml
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
 STEP_NAME = r"^[A-Za-z_][\w-]*$"
@@ -86,7 +86,7 @@ class RegisterStep(_Step):
     run: str  # a run id, usually `${retrain.run_id}`
     metric: str
     direction: Literal["maximize", "minimize"] = "maximize"
-    model_name: str | None = None  # default: the pipeline's name
+    model_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)  # default: the pipeline's name
 
 
 class ReportStep(_Step):
@@ -133,9 +133,9 @@ class PipelineSpec(BaseModel):
     """A named, ordered list of steps, tracked as one MLflow parent run per pipeline run."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     description: str = ""
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=MAX_EXPERIMENT)
     steps: list[Step] = Field(min_length=1)
     report: bool = True  # a report on the parent run at the end, when no step is a report
 

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.settings import checked_type
-from pipelines.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines import spec_yaml
+from pipelines.spec_io import MAX_EXPERIMENT, MAX_NAME, PROJECT_ROOT, SpecError, bounded, one_line, read_yaml, shown
 from pipelines.tune_spec import TuneSpec
 
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
@@ -157,9 +158,9 @@ _OTHER_SECTIONS = frozenset(OptimSpec.model_fields) | frozenset(TrainerSpec.mode
 class Spec(_Strict):
     """One pipeline: what to train, on what, how, and where it is tracked."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     description: str = ""
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=MAX_EXPERIMENT)
     notebook: str = DEFAULT_NOTEBOOK
     model: ModelSpec
     data: DataSpec
@@ -288,9 +289,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SpecError(f"--set {pair!r}: expected key=value")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SpecError(f"--set {pair!r}: value is not valid YAML") from None
+            overrides[key.strip()] = spec_yaml.load(value)
+        except (yaml.YAMLError, RecursionError) as exc:
+            problem = exc.message if isinstance(exc, spec_yaml.SpecYAMLError) else "value is not valid YAML"
+            raise SpecError(bounded(f"--set {shown(pair)}: {problem}")) from None
     return overrides
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipelines import spec_yaml
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Names end up in stores with limits of their own. A spec's or study's name names its runs
+# (MLflow keeps 250 characters, a trial adds `-trial-<n>`), its registered model and folders.
+MAX_NAME = 200
+MAX_EXPERIMENT = 500  # MLflow's MAX_EXPERIMENT_NAME_LENGTH
 
 
 class SpecError(ValueError):
@@ -52,13 +59,33 @@ def one_line(error: ValidationError, source: str) -> str:
     return bounded(f"{source}: {field}: {message}" if field else f"{source}: {message}")
 
 
+MAX_SPEC_BYTES = 1_000_000  # a spec is a few kB; a bigger file is not one
+
+
 def read_yaml(path: Path) -> Any:
-    """A spec file's YAML, read with the safe loader only; a syntax error is one line with its line."""
+    """A spec file's YAML, read with `SpecLoader` (safe, no duplicate keys, no alias bombs).
+
+    Every problem is one bounded line naming the file and, where known, the line.
+    """
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: {size} bytes; a spec file is at most {MAX_SPEC_BYTES} bytes")
+    raw = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8") from None
+    try:
+        return spec_yaml.load(text)
+    except spec_yaml.SpecYAMLError as exc:
+        where = f" line {exc.line}:" if exc.line else ""
+        raise SpecError(bounded(f"{path}:{where} {exc.message}")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        raise SpecError(bounded(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}")) from None
+    except RecursionError:
+        raise SpecError(f"{path}: values nested too deeply for a spec") from None

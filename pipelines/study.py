@@ -24,8 +24,6 @@ from pipelines import tracking
 from pipelines.tune_spec import PrunerSpec, SamplerSpec
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
-HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
-HEARTBEAT_SECONDS = 10  # a worker silent for 3 intervals is dead: its trial is failed and retried
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ID_ATTR = "mlflow_run_id"
 INTERRUPTED_ATTR = "interrupted"
@@ -42,13 +40,13 @@ def storage_url(explicit: str | None = None) -> str:
 
 
 def heartbeat_seconds() -> int:
-    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a worker tells the storage it is alive."""
-    value = os.environ.get(HEARTBEAT_ENV, "").strip()
-    if not value:
-        return HEARTBEAT_SECONDS
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{HEARTBEAT_ENV}: expected a whole number of seconds >= 1, got {value!r}")
-    return int(value)
+    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a worker tells the storage it is alive.
+
+    A worker silent for 3 intervals is dead: its trial is failed and retried.
+    """
+    from pipelines import environment
+
+    return environment.heartbeat_seconds()
 
 
 def storage(url: str, heartbeat: bool = False) -> RDBStorage:

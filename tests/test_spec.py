@@ -308,3 +308,93 @@ def test_cli_refuses_out_of_range_settings_before_writing_anything(
         assert done.returncode == 2, (verb, done.stdout, done.stderr)
         assert done.stderr.strip().count("\n") == 0 and field in done.stderr, done.stderr
         assert not (tmp_path / "mlruns").exists()
+
+
+# -- the spec file itself: duplicate keys, alias bombs, bytes, names, tune ranges, environment -------------
+def _bomb(levels: int) -> str:
+    """`[&a0 [8, ...], &a1 [*a0, ...], ...]`: 9**levels values in a few hundred bytes."""
+    parts = ["&a0 [8, 8, 8, 8, 8, 8, 8, 8, 8]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(parts)}]"
+
+
+BASE_TEXT = (PROJECT_ROOT / "pipelines" / "digits_mlp.yaml").read_text()
+TUNE_TEXT = (PROJECT_ROOT / "pipelines" / "regression_tune.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE_TEXT + "optim:\n  lr: 0.1\n", "line 24: duplicate key 'optim' (lines 12 and 24)"),
+        (BASE_TEXT.replace("  max_epochs: 30\n", "  max_epochs: 30\n  max_epochs: 3\n"), "duplicate key 'max_epochs'"),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(7)}"), "aliases expand to more than 100000"),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(9)}"), "aliases expand to more than 100000"),
+        (
+            BASE_TEXT.replace("hidden_sizes: [64]", "hidden_sizes: &r [8, *r]"),
+            "an alias refers to a value that contains",
+        ),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(5)}"), "model.hidden_sizes.0: Input should be"),
+        (BASE_TEXT.replace("name: digits_mlp", "name: " + "n" * 230), "name: String should have at most 200"),
+        (
+            BASE_TEXT.replace("experiment: digits", "experiment: " + "e" * 501),
+            "experiment: String should have at most 500",
+        ),
+        (
+            TUNE_TEXT.replace("high: 1.0, log: true", "high: .inf, log: true"),
+            "tune.space.lr.high: Input should be a finite",
+        ),
+        (TUNE_TEXT.replace("low: 1.0e-5, high: 1.0, log: true", "low: -1.0e308, high: 1.0e308"), "range too wide"),
+        (TUNE_TEXT.replace("low: 1.0e-5, high: 1.0,", "low: true, high: 1.0,"), "lr.low: expected a number, got the"),
+        (TUNE_TEXT.replace("metric: val_r2", "metric: test_r2"), "logs each epoch while it trains; known: val_loss"),
+    ],
+)
+def test_refused_spec_files_give_one_bounded_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message and len(message) <= 500, message[:1000]
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(BASE_TEXT.encode().replace(b"digits_mlp", b"digits_\xff_mlp"))
+    with pytest.raises(SpecError, match=r"spec.yaml: line 2: not UTF-8 text \(byte \d+\)"):
+        load_spec(path)
+
+
+def test_set_values_are_read_as_strictly_as_spec_files() -> None:
+    with pytest.raises(SpecError, match="duplicate key 'a'"):
+        parse_overrides(["hidden_sizes={a: 1, a: 2}"])
+    with pytest.raises(SpecError, match="aliases expand to more than"):
+        parse_overrides([f"hidden_sizes={_bomb(7)}"])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("LABBOOK_HEARTBEAT_SECONDS", "abc", "LABBOOK_HEARTBEAT_SECONDS='abc': expected a whole number from 1 to 3600"),
+        ("LABBOOK_WARM_KERNELS", "abc", "LABBOOK_WARM_KERNELS='abc': expected a whole number from 0 to 64"),
+        ("LABBOOK_OPTUNA_STORAGE", "::nope", "LABBOOK_OPTUNA_STORAGE: not a database URL"),
+    ],
+)
+def test_bad_labbook_environment_is_refused_before_anything_is_written(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    path = str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml")
+    for command in (("run", path), ("tune", path, "--n-trials", "1")):
+        done = labbook(*command, cwd=tmp_path, env={variable: value, "MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2, (command, done.stdout, done.stderr[-2000:])
+        assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "mlruns").exists()
+
+
+def test_every_labbook_variable_read_anywhere_is_checked() -> None:
+    import re as regex
+
+    from pipelines import environment
+
+    read = set()
+    for source in (PROJECT_ROOT / "pipelines").glob("*.py"):
+        read |= set(regex.findall(r"\"(LABBOOK_[A-Z_]+)\"", source.read_text()))
+    assert read - environment.INTERNAL <= set(environment.readers()), read - set(environment.readers())
