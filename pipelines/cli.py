@@ -66,12 +66,12 @@ def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
 
 
 def _before_writing() -> None:
-    """Checks before a command writes anything: the heartbeat setting (exit 2), a read-only store (exit 1)."""
-    from pipelines.driver import heartbeat_seconds
+    """Checks before a command writes anything: every LABBOOK_* setting (exit 2), a read-only store (exit 1)."""
+    from pipelines import environment
     from pipelines.tracking import check_writable, store_problem
 
     try:
-        heartbeat_seconds()
+        environment.check()
     except ValueError as exc:
         raise _fail(str(exc)) from None
     try:
@@ -317,11 +317,17 @@ def _slurm_options(spec, launcher, partition, time_limit, cpus, gpus, mem, nodes
 
 
 def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study_name):
+    from pipelines import environment
+    from pipelines.spec_io import MAX_NAME
     from pipelines.tune import open_study
 
+    loaded = _load(spec, set_)
+    if study_name is not None and not 1 <= len(study_name) <= MAX_NAME:
+        raise _fail(f"--study-name: expected 1 to {MAX_NAME} characters, got {len(study_name)}")
     try:
-        return open_study(_load(spec, set_), spec, n_trials, timeout, storage, study_name)
-    except SpecError as exc:
+        environment.check()  # before open_study makes the store's folder
+        return open_study(loaded, spec, n_trials, timeout, storage, study_name)
+    except (SpecError, ValueError) as exc:
         raise _fail(str(exc)) from None
 
 

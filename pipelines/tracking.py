@@ -62,6 +62,20 @@ def output_dir(uri: str, run_id: str) -> Path:
     return files_dir(uri) / "outputs" / run_id
 
 
+def folder_name(name: str, limit: int = 100) -> str:
+    """A folder name from a user's experiment, spec or study name: no separators, no `..`, short.
+
+    Names may be 500 characters (MLflow's limit for an experiment), folder names 255 bytes: a long
+    name keeps its first characters and gains a digest of the whole, so two names stay apart.
+    """
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[: limit - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def redact(url: str) -> str:
     """A storage or tracking URL fit to print or tag: its password replaced by `***`."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
@@ -203,8 +217,7 @@ def ensure_experiment(mlflow: MlflowClient, name: str) -> str:
     store = local_store_dir(mlflow.tracking_uri)
     location = None
     if store is not None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        location = (store / "artifacts" / slug).as_uri()
+        location = (store / "artifacts" / folder_name(name)).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:
