@@ -37,7 +37,7 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
 from pipelines import socket_claim
-from pipelines.launch import interpreter
+from pipelines.launch import interpreter, trusted_connection
 
 LAUNCHER = "ipykernel_launcher"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -542,10 +542,11 @@ class RemoteZygote:
     def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
         """A kernel forked by the server; None when it is gone, refuses or is stale (start one cold)."""
         request = {"args": args, "cwd": cwd, "env": env, "python": interpreter()}
+        connection = trusted_connection(self.path)  # the environment goes to this user's own server only
+        if connection is None:
+            return None
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(30)
-                connection.connect(self.path)
+            with connection:
                 connection.sendall((json.dumps(request) + "\n").encode())
                 with connection.makefile("r") as stream:
                     reply = stream.readline().strip()

@@ -9,6 +9,11 @@ process waits, forwards Ctrl-C and SIGTERM, and exits with the command's status.
 process dies (`kill -9` included), the command is killed too. No server, a refusing or stale
 one, or LABBOOK_FORK_KERNELS=0: the command runs here, as it always did.
 
+A request carries this process's whole environment (credentials included) and its terminal, and
+the server runs code as whoever started it: nothing is sent to a socket, or a process behind it,
+that is not this user's own (`trusted_connection`); such a server is refused in one line on
+stderr and the command runs here.
+
 Only the standard library is imported here: this module is what every command starts with.
 Written by hand because nailgun-style forking servers exist for the JVM, not for Python CLIs.
 """
@@ -20,6 +25,8 @@ import json
 import os
 import signal
 import socket
+import stat
+import struct
 import sys
 from pathlib import Path
 
@@ -53,11 +60,79 @@ def fork_enabled() -> bool:
 
 
 def server_path() -> str | None:
-    """The kernel server's socket (LABBOOK_KERNEL_SERVER) when it exists and forking is on."""
+    """The kernel server's socket (LABBOOK_KERNEL_SERVER) when it exists, is this user's own
+    (`untrusted_socket`) and forking is on; an untrusted one is refused in one line on stderr."""
     path = os.environ.get(ENV_SERVER, "").strip()
     if not path or not fork_enabled() or not Path(path).is_socket():
         return None
+    problem = untrusted_socket(path)
+    if problem is not None:
+        _refuse(path, problem)
+        return None
     return path
+
+
+def untrusted_socket(path: str) -> str | None:
+    """Why the socket file at `path` may not be this user's kernel server, or None when it may.
+
+    It must be owned by this user (the symlink's target, when it is one) and writable by nobody
+    else (anyone who can connect to it can run code as its owner), in a folder that others cannot
+    swap it out of (not world-writable without the sticky bit, as /tmp has). The process that
+    listens on it is checked on each connection (`trusted_connection`).
+    """
+    try:
+        info = os.stat(path)
+        folder = os.stat(os.path.dirname(os.path.realpath(path)) or ".")
+    except OSError as exc:
+        return f"cannot stat it ({exc.strerror})"
+    if info.st_uid != os.getuid():
+        return f"the socket belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+    if info.st_mode & 0o022:
+        return f"the socket is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    if folder.st_mode & stat.S_IWOTH and not folder.st_mode & stat.S_ISVTX:
+        return "its folder is world-writable without the sticky bit (anyone can replace the socket)"
+    return None
+
+
+def trusted_connection(path: str, timeout: float = 30) -> socket.socket | None:
+    """A connection to the kernel server at `path` whose listening process runs as this user
+    (SO_PEERCRED), checked before anything is sent; None when it is not, or cannot be reached.
+
+    Refusing to hand over this process's environment and terminal says so in one line on stderr.
+    """
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(timeout)
+        connection.connect(path)
+        uid = peer_uid(connection)
+    except OSError:
+        connection.close()
+        return None
+    if uid != os.getuid():
+        connection.close()
+        who = "an unknown user" if uid is None else f"uid {uid}"
+        _refuse(path, f"the process listening on it runs as {who}, not as this user (uid {os.getuid()})")
+        return None
+    return connection
+
+
+def peer_uid(connection: socket.socket) -> int | None:
+    """The user id of the process at the other end of a Unix socket (Linux SO_PEERCRED), None where unknown."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None  # no way to tell on this system: never trusted
+    _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i")))
+    return uid
+
+
+_refused: set[str] = set()
+
+
+def _refuse(path: str, why: str) -> None:
+    """One line on stderr, once per process and socket: the kernel server is not used."""
+    if path not in _refused:
+        _refused.add(path)
+        print(f"labbook: not using the kernel server {path}: {why}; running without it", file=sys.stderr)
 
 
 def interpreter() -> str:
@@ -91,10 +166,10 @@ def delegate(path: str, arguments: list[str]) -> int | None:
         "env": {**os.environ, ENV_PID: str(os.getpid())},
         "python": interpreter(),
     }
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection = trusted_connection(path)
+    if connection is None:
+        return None
     try:
-        connection.settimeout(30)
-        connection.connect(path)
         # This process's stdin, stdout and stderr become the command's (SCM_RIGHTS).
         socket.send_fds(connection, [(json.dumps(request) + "\n").encode()], [0, 1, 2])
         replies = connection.makefile("r")

@@ -1,0 +1,192 @@
+"""Hostile input and other local users: nothing leaks, runs or escapes that the user did not ask for.
+
+Each test names the security case of issue 22 it covers (see README, "What happens when…"). The
+other user is `nobody`, entered with `setpriv` (these tests need root to switch to it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.launch import trusted_connection, untrusted_socket
+from pipelines.spec import PROJECT_ROOT
+from tests.conftest import labbook
+
+SPECS = PROJECT_ROOT / "pipelines"
+SECRET = "s3cret-password-of-the-caller"
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to act as another user"
+)
+
+# A kernel server impostor: listens on a socket anyone may connect to and records what each
+# connection sends (bytes and passed file descriptors). Standard library only (it runs as nobody).
+IMPOSTOR = r"""
+import os, socket, sys
+path, log, mode = sys.argv[1], sys.argv[2], int(sys.argv[3], 8)
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path)
+os.chmod(path, mode)
+server.listen(16)
+open(log + ".ready", "w").close()
+while True:
+    connection, _ = server.accept()
+    connection.settimeout(5)
+    data, fds = b"", []
+    try:
+        while True:
+            chunk, received, _, _ = socket.recv_fds(connection, 1 << 16, 8)
+            fds += received
+            if not chunk:
+                break
+            data += chunk
+            if data.endswith(b"\n"):
+                break
+    except OSError:
+        pass
+    with open(log, "ab") as out:
+        out.write(b"connection %d bytes %d fds: " % (len(data), len(fds)) + data + b"\n")
+    for fd in fds:  # a caller's stdout held open here would keep its own caller waiting
+        os.close(fd)
+    connection.close()
+"""
+
+
+class Impostor:
+    """A process of another user (or ours) on a socket; `received` is what connections sent it."""
+
+    def __init__(self, folder: Path, mode: int = 0o777, user: list[str] | None = None) -> None:
+        self.path = folder / "kernels.sock"
+        self.log = folder / "received.log"
+        script = folder / "impostor.py"
+        script.write_text(IMPOSTOR)
+        script.chmod(0o644)
+        command = [*(user or []), "/usr/bin/python3", str(script), str(self.path), str(self.log), f"{mode:o}"]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not Path(f"{self.log}.ready").exists():
+            assert self.process.poll() is None and time.monotonic() < deadline, "the impostor did not start"
+            time.sleep(0.05)
+
+    @property
+    def received(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder every user may write to, sticky as /tmp is (a short path: sockets have ~100 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="lb-shared-", dir="/tmp"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _refusals(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "not using the kernel server" in line]
+
+
+def _validate_with_server(socket_path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`labbook validate` of a shipped spec, pointed at `socket_path`, with a secret in its environment."""
+    env = {"LABBOOK_KERNEL_SERVER": str(socket_path), "MLFLOW_TRACKING_PASSWORD": SECRET}
+    return labbook("validate", str(SPECS / "regression_mlp.yaml"), cwd=tmp_path, env=env)
+
+
+@needs_root
+def test_1_a_server_of_another_user_on_a_world_writable_socket_gets_nothing(
+    shared_folder: Path, tmp_path: Path
+) -> None:
+    impostor = Impostor(shared_folder, 0o777, AS_NOBODY)
+    try:
+        assert impostor.path.stat().st_uid != os.getuid()
+        done = _validate_with_server(impostor.path, tmp_path)
+        link = tmp_path / "kernels.sock"  # a link of ours to their socket: the socket is still theirs
+        link.symlink_to(impostor.path)
+        linked = _validate_with_server(link, tmp_path)
+    finally:
+        impostor.stop()
+    for command in (done, linked):
+        assert command.returncode == 0, command.stderr[-2000:]
+        assert "ok (mlp_regressor on regression" in command.stdout  # the command ran here, cold
+        refusals = _refusals(command.stderr)
+        assert len(refusals) == 1 and "belongs to uid" in refusals[0], command.stderr
+    assert impostor.received == ""  # not even a connection: no environment, no stdio, no password
+
+
+@needs_root
+def test_1_a_socket_of_ours_served_by_another_user_is_refused_on_its_peer_credentials(
+    store: str, shared_folder: Path, tmp_path: Path
+) -> None:
+    """The socket file looks like ours (owner, mode 0600): SO_PEERCRED says who listens. A real run
+    asks twice (the command, then its notebook's kernel), and both go elsewhere."""
+    impostor = Impostor(shared_folder, 0o777, AS_NOBODY)
+    try:
+        os.chown(impostor.path, os.getuid(), os.getgid())
+        impostor.path.chmod(0o600)
+        spec = tmp_path / "spec.yaml"
+        raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
+        raw["trainer"]["max_epochs"] = 1
+        raw["data"]["n_samples"] = 200
+        spec.write_text(yaml.safe_dump(raw))
+        env = {"LABBOOK_KERNEL_SERVER": str(impostor.path), "MLFLOW_TRACKING_PASSWORD": SECRET}
+        done = labbook("run", str(spec), env=env)
+    finally:
+        impostor.stop()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "status: FINISHED" in done.stdout
+    refusals = _refusals(done.stderr)
+    assert len(refusals) == 1 and "runs as uid" in refusals[0], done.stderr
+    connections = impostor.received.splitlines()
+    assert connections and all(line == "connection 0 bytes 0 fds: " for line in connections), connections
+    assert SECRET not in impostor.received
+
+
+@pytest.mark.parametrize(
+    ("folder_mode", "socket_mode", "why"),
+    [
+        (0o777, 0o600, "world-writable without the sticky bit"),
+        (0o700, 0o666, "writable by other users"),
+    ],
+)
+def test_1_a_socket_others_could_replace_or_use_is_refused(
+    tmp_path: Path, folder_mode: int, socket_mode: int, why: str
+) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="lb-", dir="/tmp"))
+    try:
+        impostor = Impostor(folder, socket_mode)  # this user's own process, so only the file is wrong
+        folder.chmod(folder_mode)
+        try:
+            done = _validate_with_server(impostor.path, tmp_path)
+        finally:
+            impostor.stop()
+        assert done.returncode == 0, done.stderr[-2000:]
+        refusals = _refusals(done.stderr)
+        assert len(refusals) == 1 and why in refusals[0], done.stderr
+        assert impostor.received == ""
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_1_this_users_own_kernel_server_passes_the_checks(tmp_path: Path, kernel_server: str | None) -> None:
+    """The checks refuse nothing of ours (tests/test_kernel_pool.py shows commands forked by it)."""
+    if kernel_server is None:
+        pytest.skip("LABBOOK_TEST_KERNEL_SERVER=0")
+    assert untrusted_socket(kernel_server) is None
+    connection = trusted_connection(kernel_server)
+    assert connection is not None
+    connection.close()  # a connection that sends nothing: the server goes on
+    done = _validate_with_server(Path(kernel_server), tmp_path)
+    assert done.returncode == 0 and not _refusals(done.stderr), done.stderr
