@@ -85,7 +85,7 @@ def check_id(schedule_id: str) -> str:
 
 def check_timezone(name: str | None) -> str:
     """An IANA time zone name (default: this machine's), or SpecError naming --timezone."""
-    name = name or cronlib.local_zone_name()
+    name = cronlib.local_zone_name() if name is None else name
     cronlib.zone(name)
     return name
 

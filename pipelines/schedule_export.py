@@ -207,13 +207,16 @@ def unit_escape(text: str) -> str:
     return "".join(out)
 
 
-def exec_quote(argument: str) -> str:
-    """One `ExecStart=` argument, quoted by systemd's rules (systemd.service(5), "Command lines").
+def exec_quote(argument: str, executable: bool = False) -> str:
+    """One `ExecStart=` word, quoted by systemd's rules (systemd.service(5), "Command lines").
 
-    Inside double quotes systemd reads C escapes; `%` starts a specifier (`%%` is one `%`) and
-    `$` an environment variable (`$$` is one `$`), inside quotes too.
+    Inside double quotes systemd reads C escapes; `%` starts a specifier (`%%` is one `%`)
+    everywhere, and `$` an environment variable (`$$` is one `$`) in the arguments, not in the
+    executable's path (systemd-analyze verify finds `a$$b/true` missing).
     """
-    escaped = argument.replace("%", "%%").replace("$", "$$")
+    escaped = argument.replace("%", "%%")
+    if not executable:
+        escaped = escaped.replace("$", "$$")
     if re.fullmatch(r"[A-Za-z0-9_@+=:,./-]+", argument):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -239,7 +242,7 @@ def units(s: Schedule, now: datetime | None = None) -> dict[str, str]:
     service = (
         f"[Unit]\nDescription=labbook pipeline {_specifiers(s.id)}\n\n"
         f"[Service]\nType=oneshot\nWorkingDirectory={_specifiers(s.cwd)}\n"
-        f"ExecStart={' '.join(exec_quote(a) for a in command(s))}\n"
+        f"ExecStart={' '.join(exec_quote(a, executable=i == 0) for i, a in enumerate(command(s)))}\n"
     )
     timer = (
         f"[Unit]\nDescription=labbook schedule {_specifiers(s.id)} ({_specifiers(s.trigger)})\n\n"
