@@ -21,6 +21,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines import tracking
+from pipelines.guarded_sampler import GuardedSampler
 from pipelines.tune_spec import PrunerSpec, SamplerSpec
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
@@ -150,7 +151,8 @@ def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
             return optuna.samplers.GPSampler(seed=seed, **startup)
         return optuna.samplers.CmaEsSampler(seed=seed, **startup)
 
-    return make(None) if spec.seed is None else _SeedPerTrial(make, spec.seed)
+    # Guarded: a sampler's exception fails its trial with the reason, never the whole study.
+    return GuardedSampler(make(None) if spec.seed is None else _SeedPerTrial(make, spec.seed))
 
 
 def trial_seed(seed: int, number: int) -> int:

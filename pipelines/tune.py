@@ -30,6 +30,7 @@ from rich.table import Table
 
 from pipelines import notebook, resume, tracking
 from pipelines import study as studies
+from pipelines.guarded_sampler import SamplerFailed
 from pipelines.launch import ENV_PID
 from pipelines.run import run_training
 from pipelines.spec import Spec, SpecError
@@ -224,7 +225,12 @@ class _Worker:
         if self.handle.n_trials is not None and studies.over_budget(trials, trial.number, self.handle.n_trials):
             trial.set_user_attr(studies.OVER_BUDGET_ATTR, True)  # after_trial then stops this worker
             raise TrialFailed(f"not run: trials before it use the study's budget of {self.handle.n_trials}")
-        values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
+        try:
+            values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
+        except Exception as exc:  # the sampler's fault (GuardedSampler says so) or Optuna's: this trial only
+            reason = str(exc) if isinstance(exc, SamplerFailed) else f"sampler failed: {type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", reason[:500])
+            raise TrialFailed(reason[:500]) from None
         spec = self.handle.spec.with_overrides(values)
         frozen = next(t for t in trials if t.number == trial.number)
         if self.console:
