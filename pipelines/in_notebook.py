@@ -46,7 +46,20 @@ class _OtherRankLogger(DummyLogger):
     run_id = None
 
 
-class DriverOwnedLogger(MLFlowLogger):
+class OneWriterLogger(MLFlowLogger):
+    """Lightning's MLflow logger whose hyperparameters go through `tracking.log_params`, the one
+    writer of a run's params. Lightning's own cut each value at 250 characters, so a param labbook
+    had logged whole (`hidden_sizes` of 90 layers) came again with another value and MLflow failed
+    the run ("Changing param values is not allowed")."""
+
+    def log_hyperparams(self, params: Any) -> None:
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        if is_rank_zero():
+            tracking.log_params(self.experiment, self.run_id, _flatten_dict(_convert_params(params)))
+
+
+class DriverOwnedLogger(OneWriterLogger):
     """Lightning's MLflow logger on a run that the process driving the notebook owns.
 
     Lightning's `finalize` marks the run FINISHED (or FAILED) when fit or test ends, while the
@@ -83,7 +96,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
             parent_run_id=params.get("parent_run_id") or None,
         )
     tracking.log_params(client, run_id, hyperparameters(params), tags=tags)
-    return (DriverOwnedLogger if owned else MLFlowLogger)(tracking_uri=uri, run_id=run_id)
+    return (DriverOwnedLogger if owned else OneWriterLogger)(tracking_uri=uri, run_id=run_id)
 
 
 def lesson_run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ TAG_PREFIX = "labbook."
 OUTPUT_TAG_PREFIX = f"{TAG_PREFIX}output."  # a step's outputs for later steps, as JSON
 TRIAL_STATE_TAG = f"{TAG_PREFIX}trial_state"  # a trial's run: RUNNING, then COMPLETE, PRUNED or FAIL as Optuna holds it
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it on the run page
+NOTEBOOK_TAG = f"{TAG_PREFIX}notebook"  # the source notebook a run executed, relative to the project when inside
+NOTEBOOK_SHA256_TAG = f"{TAG_PREFIX}notebook_sha256"  # its content then: `labbook rerun` runs only that
 
 
 def default_store() -> Path:
@@ -236,6 +239,11 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
+def notebook_sha256(data: bytes) -> str:
+    """The SHA-256 (hex) of a notebook file's bytes: what `labbook rerun` checks a source notebook against."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
     """What a run needs to be repeated: seed, git commit and dirty flag, versions, notebook.
 
@@ -259,7 +267,7 @@ def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
         f"{TAG_PREFIX}torch_version": installed("torch"),
         f"{TAG_PREFIX}lightning_version": installed("lightning"),
         f"{TAG_PREFIX}mlflow_version": installed("mlflow"),
-        f"{TAG_PREFIX}notebook": str(notebook),
+        NOTEBOOK_TAG: str(notebook),
         MLFLOW_SOURCE_NAME: str(notebook),
         MLFLOW_SOURCE_TYPE: "NOTEBOOK",
     }
@@ -320,16 +328,38 @@ def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> N
             mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
 
 
+MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value (MAX_PARAM_VAL_LENGTH)
+LONG_PARAMS_DIR = "params"  # where a value longer than that is kept whole, as params/<key>.txt
+
+
+def param_value(key: str, value: Any) -> str:
+    """The text MLflow keeps for a param: `str(value)` whole up to MLFLOW's limit; past it a cut
+    value ending in a marker that names the artifact holding the whole (`log_params` writes it).
+
+    Every writer of a run's params goes through here (labbook's own and the notebook's Lightning
+    logger, see `in_notebook.mlflow_logger`): MLflow refuses a param logged twice with two values,
+    and Lightning's own logger cut values at 250 characters, failing every run with a longer one.
+    """
+    text = str(value)
+    if len(text) <= MAX_PARAM_VALUE:
+        return text
+    marker = f" ...[{len(text)} characters; whole value: artifact {LONG_PARAMS_DIR}/{key}.txt]"
+    return text[: MAX_PARAM_VALUE - len(marker)] + marker
+
+
 def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
-    """Log params (and tags) in one call, each value as `str(value)`: the way Lightning's
-    MLFlowLogger writes hparams, so when both log `lr` they agree and MLflow accepts it."""
+    """Log params (and tags) in batches of 100 (MLflow's most per call), each value as `param_value`
+    writes it; a value past MLflow's limit is also attached whole as `params/<key>.txt`."""
     from mlflow.entities import Param, RunTag
 
-    mlflow.log_batch(
-        run_id,
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
+    values = {k: param_value(k, v) for k, v in params.items()}
+    for key, value in params.items():
+        if values[key] != str(value):
+            mlflow.log_text(run_id, str(value), f"{LONG_PARAMS_DIR}/{key}.txt")
+    items = [Param(k, v) for k, v in values.items()]
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(items), 1), 100):
+        mlflow.log_batch(run_id, params=items[start : start + 100], tags=tag_items if start == 0 else [])
 
 
 def record_outputs(client: MlflowClient, run_id: str, outputs: dict[str, Any]) -> None:
