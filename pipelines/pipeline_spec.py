@@ -285,6 +285,17 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
         for key in step.student:
             if key not in known:
                 raise SpecError(f"{where}.student.{key}: not a model setting; known: {', '.join(sorted(known))}")
+        from lightning_modules.settings import check_value
+
+        declared = catalog.entry("model", model).types() if model else {}
+        for m in models:  # without a model named, each setting as the first model that takes it declares it
+            declared = {**catalog.entry("model", m).types(), **declared}
+        for key, value in step.student.items():
+            if key != "model" and not references(value):
+                try:
+                    check_value(key, declared[key], value)
+                except ValueError as exc:
+                    raise SpecError(f"{where}.student.{exc}") from None
     elif isinstance(step, NotebookStep):
         notebook = notebook_path(step.notebook, path)
         if not notebook.is_file():

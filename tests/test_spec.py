@@ -398,3 +398,22 @@ def test_every_labbook_variable_read_anywhere_is_checked() -> None:
     for source in (PROJECT_ROOT / "pipelines").glob("*.py"):
         read |= set(regex.findall(r"\"(LABBOOK_[A-Z_]+)\"", source.read_text()))
     assert read - environment.INTERNAL <= set(environment.readers()), read - set(environment.readers())
+
+
+@pytest.mark.parametrize(
+    ("student", "expected"),
+    [
+        ("{hidden_sizes: [0], dropout: 0.0}", "steps.compress.student.hidden_sizes.0: Input should be greater than"),
+        ("{hidden_sizes: [16], dropout: true}", "steps.compress.student.dropout: expected a number, got the boolean"),
+    ],
+)
+def test_pipeline_steps_settings_go_through_the_same_declarations(tmp_path: Path, student: str, expected: str) -> None:
+    text = (PROJECT_ROOT / "pipelines" / "digits_compress.yaml").read_text()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text.replace("student: {hidden_sizes: [16], dropout: 0.0}", f"student: {student}"))
+    (tmp_path / "digits_mlp.yaml").write_text(BASE_TEXT)
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_pipeline(path)
+    path.write_text(text.replace("max_epochs: 20}", "max_epochs: true}"))  # a train step's `set:`, as --set
+    with pytest.raises(SpecError, match="steps.train.set: trainer.max_epochs: expected a number, got the boolean"):
+        load_pipeline(path)
