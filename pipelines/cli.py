@@ -200,6 +200,7 @@ def run(
     )
     if slurm is None and (nodes or devices):
         raise _fail("--nodes/--devices: only with --launcher slurm (locally: --set devices=N)")
+    _before_writing()
     _stop_on_sigterm()
     if slurm is not None:
         _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name)
@@ -548,6 +549,39 @@ def diff(
 
 
 @app.command()
+def reap(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them; close nothing.")] = False,
+) -> None:
+    """Close runs whose driver died (kill -9, a lost machine) as FAILED "driver died", with their partial notebook.
+
+    On this machine a driver is dead when none of its processes lives (a reused pid does not
+    count); elsewhere when its heartbeat is 10 intervals old. run, tune, worker, compare and ui
+    do this on the way in.
+    """
+    from pipelines.driver import heartbeat_seconds
+    from pipelines.reap import reap as reap_runs
+    from pipelines.tracking import store_problem, tracking_uri
+
+    try:
+        heartbeat_seconds()
+        found = reap_runs(dry_run=dry_run)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:
+        raise _fail(store_problem(exc) or f"{tracking_uri()}: {type(exc).__name__}", code=1) from None
+    if not found:
+        out.print("no run with a dead driver")
+        return
+    for item in found:  # one line a run, whole (a table would fold the run ids of a narrow terminal)
+        verb = "would close" if dry_run else ("closed" if item.closed else "could not close")
+        notebook = f"; partial notebook {item.notebook}" if item.notebook else ""
+        line = f"{verb} run {item.run_id} ({item.experiment}/{item.run_name}) FAILED: {item.reason}{notebook}"
+        out.print(line, markup=False, highlight=False)
+    if not dry_run and not all(item.closed for item in found):
+        raise typer.Exit(1)
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
@@ -587,39 +621,6 @@ def _serve(command: list[str], env: dict[str, str]) -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
     raise typer.Exit(code)
-
-
-@app.command()
-def reap(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them; close nothing.")] = False,
-) -> None:
-    """Close runs whose driver died (kill -9, a lost machine) as FAILED "driver died", with their partial notebook.
-
-    On this machine a driver is dead when none of its processes lives (a reused pid does not
-    count); elsewhere when its heartbeat is 10 intervals old. run, tune, worker, compare and ui
-    do this on the way in.
-    """
-    from pipelines.driver import heartbeat_seconds
-    from pipelines.reap import reap as reap_runs
-    from pipelines.tracking import store_problem, tracking_uri
-
-    try:
-        heartbeat_seconds()
-        found = reap_runs(dry_run=dry_run)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    except Exception as exc:
-        raise _fail(store_problem(exc) or f"{tracking_uri()}: {type(exc).__name__}", code=1) from None
-    if not found:
-        out.print("no run with a dead driver")
-        return
-    table = Table("run id", "experiment", "run", "closed" if not dry_run else "would close", "reason", "notebook")
-    for item in found:
-        closed = "yes" if item.closed else ("-" if dry_run else "no")
-        table.add_row(item.run_id, item.experiment, item.run_name, closed, item.reason, item.notebook or "")
-    out.print(table)
-    if not dry_run and not all(item.closed for item in found):
-        raise typer.Exit(1)
 
 
 @app.command()
