@@ -192,3 +192,47 @@ def test_no_sbatch_on_path_exits_2(store: str, tmp_path: Path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "`sbatch` is not on PATH" in done.stderr
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def test_a_ddp_training_on_two_srun_tasks_is_one_run_and_continues_its_epochs_after_a_requeue(
+    slurm: None, store: str, tmp_path: Path
+):
+    """`labbook run --launcher slurm --devices 2`: two gloo ranks under srun, rank 0 alone logging.
+    SIGUSR1 (what `--signal` sends before the time limit or preemption) makes Lightning save and
+    requeue the job; the requeued job resumes from that checkpoint into the same run."""
+    spec = str(PROJECT_ROOT / "pipelines" / "regression_mlp.yaml")
+    epochs = 12
+    process = driver("run", spec, "--set", f"max_epochs={epochs}", "--set", "enable_progress_bar=false",
+                     "--launcher", "slurm", "--devices", "2", "--time", "10")  # fmt: skip
+    deadline, client, job = time.monotonic() + 300, None, None
+    while job is None:
+        assert process.poll() is None and time.monotonic() < deadline, Path("driver.log").read_text()[-3000:]
+        time.sleep(1)
+        if "submitted SLURM job" not in Path("driver.log").read_text():
+            continue  # the store exists (and is migrated) once the job is submitted
+        client = client or MlflowClient(store)
+        [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if len(client.get_metric_history(run.info.run_id, "val_loss")) >= 2:  # mid-fit
+            job = run.data.tags["labbook.slurm_job_id"]
+            subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    while "PENDING (restart 1)" not in Path("driver.log").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, Path("driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    # SLURM holds a requeued job for 2 minutes before it may start again: start it now.
+    subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True, timeout=30)
+    assert process.wait(timeout=400) == 0, Path("driver.log").read_text()[-3000:]
+
+    log = next((tmp_path / "mlruns" / "slurm").glob(f"run-*/slurm-{job}.log")).read_text()
+    assert "Requeued SLURM job" in log and "hpc_ckpt_1.ckpt" in log  # Lightning saved, then resumed from it
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, [r.info.run_name for r in runs]  # rank 1 and the requeued attempt made none
+    [run] = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["strategy"] == "ddp" and run.data.params["devices"] == "2"
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert len(history) == epochs == len({m.step for m in history})  # every epoch once: continued, not restarted
+    assert int(run.data.tags["labbook.resumed_at_epoch"]) >= 2  # the requeued attempt started mid-fit
+    assert run.data.metrics["test_r2"] > 0.5
+    assert {"script/train.py", f"script/slurm-{job}.log"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "script")
+    }
