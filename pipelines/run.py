@@ -86,7 +86,8 @@ def run_notebook(
     """
     uri = tracking.tracking_uri()
     mlflow = tracking.client(uri)
-    all_tags = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **(tags or {})}
+    provenance = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **_content(nb_path)}
+    all_tags = {**provenance, **(tags or {})}
     run_id = tracking.start_run(mlflow, experiment, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
     if on_run is not None:
         on_run(run_id)
@@ -140,3 +141,12 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(tracking.PROJECT_ROOT))
     except ValueError:
         return str(path)
+
+
+def _content(path: Path) -> dict[str, str]:
+    """The notebook's content hash as a tag (what `labbook rerun` checks); none if it cannot be read
+    (the run then fails on it, saying why)."""
+    try:
+        return {tracking.NOTEBOOK_SHA256_TAG: tracking.notebook_sha256(path.read_bytes())}
+    except OSError:
+        return {}

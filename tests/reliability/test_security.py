@@ -6,6 +6,7 @@ other user is `nobody`, entered with `setpriv` (these tests need root to switch 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from pipelines.launch import trusted_connection, untrusted_socket
 from pipelines.spec import PROJECT_ROOT
@@ -190,3 +193,61 @@ def test_1_this_users_own_kernel_server_passes_the_checks(tmp_path: Path, kernel
     connection.close()  # a connection that sends nothing: the server goes on
     done = _validate_with_server(Path(kernel_server), tmp_path)
     assert done.returncode == 0 and not _refusals(done.stderr), done.stderr
+
+
+def _notebook_writing(path: Path, marker: Path) -> Path:
+    """A notebook that leaves `marker` behind when it is executed."""
+    nb = nbformat.v4.new_notebook()
+    parameters = nbformat.v4.new_code_cell("seed = 0")
+    parameters.metadata.tags = ["parameters"]
+    nb.cells = [parameters, nbformat.v4.new_code_cell(f"open({str(marker)!r}, 'w').close()")]
+    nb.metadata.kernelspec = {"name": "labbook", "display_name": "labbook", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_2_rerun_executes_the_recorded_notebook_never_whatever_a_tag_names(store: str, tmp_path: Path) -> None:
+    source = tmp_path / "train.ipynb"  # the run's notebook, outside the project (a user's own copy)
+    shutil.copy(PROJECT_ROOT / "notebooks" / "train.ipynb", source)
+    raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
+    raw["trainer"]["max_epochs"] = 1
+    raw["data"]["n_samples"] = 200
+    raw["notebook"] = str(source)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    done = labbook("run", str(spec))
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("regression").experiment_id
+    [original] = client.search_runs([experiment])
+    run_id, tags = original.info.run_id, original.data.tags
+    assert tags["labbook.notebook_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+    marker = tmp_path / "pwned"
+    evil = _notebook_writing(Path(tempfile.mkdtemp(prefix="lb-")) / "evil.ipynb", marker)
+    for named in (str(evil), os.path.relpath(evil, PROJECT_ROOT)):  # absolute, and relative out of the project
+        client.set_tag(run_id, "labbook.notebook", named)
+        refused = labbook("rerun", run_id)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert refused.stderr.count("\n") == 1 and "is not the notebook the run executed" in refused.stderr
+        assert not marker.exists() and len(client.search_runs([experiment])) == 1  # nothing executed, no run
+
+    # Its hash tag removed as well (or a run recorded before hashes): the run's own executed copy runs.
+    client.delete_tag(run_id, "labbook.notebook_sha256")
+    again = labbook("rerun", run_id)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "verdict: exact" in again.stdout and not marker.exists()
+    [rerun] = client.search_runs([experiment], filter_string=f"tags.`labbook.rerun_of` = '{run_id}'")
+    assert rerun.data.tags["labbook.notebook"] == os.path.relpath(evil, PROJECT_ROOT)  # as named, not executed
+    assert rerun.data.tags["labbook.notebook_sha256"] == "unknown"
+
+    # The source notebook edited after the run: not what the run executed, refused.
+    client.set_tag(run_id, "labbook.notebook", str(source))
+    client.set_tag(run_id, "labbook.notebook_sha256", tags["labbook.notebook_sha256"])
+    edited = nbformat.read(source, as_version=4)
+    edited.cells.append(nbformat.v4.new_code_cell(f"open({str(marker)!r}, 'w').close()"))
+    nbformat.write(edited, source)
+    refused = labbook("rerun", run_id)
+    assert refused.returncode == 2 and "edited since" in refused.stderr, refused.stderr[-2000:]
+    assert not marker.exists() and len(client.search_runs([experiment])) == 2
+    shutil.rmtree(evil.parent)
