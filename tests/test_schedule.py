@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -480,3 +482,65 @@ def test_missed_fire_times_coalesce_into_one_run_within_the_grace_time(store: st
     assert "schedule stale: fire time" in log.read_text() and "missed by more than its grace time" in log.read_text()
     stale = next(s for s in schedule.list_schedules() if s.id == "stale")
     assert stale.next_fire > datetime.now().astimezone()
+
+
+# --- one fire per fire time, however many schedulers --------------------------------------------
+
+POSTGRES = os.environ.get("LABBOOK_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def scheduler_store(request: pytest.FixtureRequest, store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The job store URL (set as LABBOOK_SCHEDULER_DB): the default SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield schedule.store_url()
+        return
+    try:
+        import psycopg
+
+        admin = psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=5, autocommit=True)
+    except Exception as exc:
+        reason = f"PostgreSQL not reachable at {POSTGRES} ({type(exc).__name__})"
+        if os.environ.get("LABBOOK_REQUIRE_POSTGRES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    name = f"labbook_test_schedules_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    monkeypatch.setenv(schedule.STORE_ENV, f"{POSTGRES}/{name}")
+    try:
+        yield schedule.store_url()
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_two_schedulers_on_one_job_store_run_each_fire_time_once(
+    scheduler_store: str, store: str, tmp_path: Path
+) -> None:
+    spec = pipeline(tmp_path, "shared")
+    assert labbook("schedule", "add", str(spec), "--every", "4", cwd=tmp_path).returncode == 0
+    first, first_log = start_scheduler(tmp_path, "scheduler-a.log")
+    second, second_log = start_scheduler(tmp_path, "scheduler-b.log")
+    logs = tmp_path / "mlruns" / "logs"
+    try:
+        wait_for(lambda: sum(r.info.status == "FINISHED" for r in pipeline_runs(store, "shared")) >= 2, 240, "2 runs")
+    finally:
+        codes = stop(first), stop(second)
+    outputs = first_log.read_text(), second_log.read_text()
+    assert codes == (0, 0), outputs
+    claimed = [re.findall(r"schedule shared: fire time (\S+) claimed by", output) for output in outputs]
+    lost = [re.findall(r"schedule shared: fire time (\S+) skipped, claimed by", output) for output in outputs]
+    # Each fire time was claimed by one scheduler only; the other said that it skipped it.
+    assert not set(claimed[0]) & set(claimed[1]), outputs
+    assert len(claimed[0]) == len(set(claimed[0])) and len(claimed[1]) == len(set(claimed[1]))
+    assert lost[0] or lost[1], outputs  # both saw fire times due (the race is there)
+    assert set(lost[0]) <= set(claimed[1]) and set(lost[1]) <= set(claimed[0])
+    # One pipeline run per fire time (two schedulers ran two, into one log file); a run stopped
+    # with the schedulers may have had no time to open its MLflow run.
+    started = sum(len(re.findall(r"schedule shared: running ", output)) for output in outputs)
+    assert started == len(list(logs.glob("shared-*.log"))) >= len(pipeline_runs(store, "shared")) >= 2, outputs
+    from sqlalchemy import create_engine, text
+
+    with create_engine(scheduler_store).connect() as connection:
+        rows = connection.execute(text(f"SELECT fire_time FROM {schedule.CLAIMS_TABLE}")).scalars().all()
+    assert sorted(rows) == sorted(claimed[0] + claimed[1])
