@@ -61,17 +61,12 @@ def trial_key(study_name: str, trial: FrozenTrial) -> str:
 
 def _unique(name: str) -> str:
     """`_safe(name)` and a digest of the exact name: names that clean up alike never share a folder."""
-    return f"{_safe(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{_safe(name)[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def checkpoint_dir(uri: str, key: str) -> Path:
     """The resumable checkpoints of `key`, beside the local store (on a shared disk when scaled out)."""
     return tracking.files_dir(uri) / "checkpoints" / key
-
-
-def finished(path: Path) -> None:
-    """The training ended (completed or pruned): nothing is left to resume."""
-    shutil.rmtree(path, ignore_errors=True)
 
 
 LOCK_FILE = ".owner.lock"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,21 +50,30 @@ def run_training(
     resumable = None
     if spec.trainer.ckpt_path == "last":
         key = resume_key or resume.run_key(spec.experiment_name, spec.name, settings)
-        resumable = resume.checkpoint_dir(tracking.tracking_uri(), key)
-        params["checkpoint_dir"] = str(resumable)
-    result = run_notebook(
-        spec.notebook_path(spec_path.parent if spec_path else None),
-        params,
-        spec.experiment_name,
-        run_name=run_name or spec.name,
-        parent_run_id=parent_run_id,
-        tags=tags,
-        progress_bar=progress_bar,
-        on_run=on_run,
-        kernels=kernels,
-    )
-    if resumable is not None and (result.error is None or result.pruned):
-        resume.finished(resumable)
+        resumable = resume.claim(tracking.tracking_uri(), key)  # held until this training ends
+        if resumable.extra:
+            print(
+                f"checkpoints: another live training of {key} holds its folder; this one uses {resumable.path}",
+                file=sys.stderr,
+            )
+        params["checkpoint_dir"] = str(resumable.path)
+    ended = False
+    try:
+        result = run_notebook(
+            spec.notebook_path(spec_path.parent if spec_path else None),
+            params,
+            spec.experiment_name,
+            run_name=run_name or spec.name,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            progress_bar=progress_bar,
+            on_run=on_run,
+            kernels=kernels,
+        )
+        ended = result.error is None or result.pruned
+    finally:
+        if resumable is not None:  # ended (completed or pruned): removed; else kept for the next attempt
+            resumable.release(finished=ended)
     return result
 
 

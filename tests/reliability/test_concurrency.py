@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nbformat
 import optuna
 import pytest
 import yaml
@@ -262,3 +263,126 @@ def test_8_a_non_finite_value_is_never_champion_and_a_non_finite_champion_is_rep
     assert int(client.get_model_version_by_alias("n", champion.CHAMPION).version) == replaced["version"]
     with pytest.raises(ValueError, match="direction: got 'max'"):
         champion.promote("n", run_id, "val_loss", "max", 1.0)
+
+
+def _gated_train_notebook(tmp_path: Path, gate: Path) -> Path:
+    """The train notebook, waiting after its second epoch (a checkpoint written) until `gate` exists."""
+    nb = nbformat.read(PROJECT_ROOT / "notebooks" / "train.ipynb", as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "trainer.fit(" in c.source)
+    wait = (
+        "import os, time\nfrom lightning.pytorch.callbacks import Callback\n\n"
+        "class _Gate(Callback):\n"
+        "    def on_train_epoch_end(self, trainer, pl_module):\n"
+        f"        while trainer.current_epoch >= 1 and not os.path.exists({str(gate)!r}):\n"
+        "            time.sleep(0.05)\n\n"
+        "_callbacks = nb.callbacks\nnb.callbacks = lambda *args, **kwargs: [*_callbacks(*args, **kwargs), _Gate()]"
+    )
+    nb.cells.insert(index, nbformat.v4.new_code_cell(wait))
+    path = tmp_path / "gated_train.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+EPOCHS = 6
+
+
+def _tiny_resumable(tmp_path: Path, gate: Path) -> dict:
+    raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
+    raw["notebook"] = str(_gated_train_notebook(tmp_path, gate))
+    raw["data"] |= {"n_samples": 200}
+    raw["trainer"] |= {"max_epochs": EPOCHS, "ckpt_path": "last", "enable_progress_bar": False}
+    return raw
+
+
+def _wait_for(ready: Callable[[], bool], process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_6_two_runs_of_one_resumable_training_at_once_keep_their_own_checkpoints(store: str, tmp_path: Path) -> None:
+    gate = tmp_path / "go"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_tiny_resumable(tmp_path, gate)))
+    folders = tmp_path / "mlruns" / "checkpoints" / "regression"
+    command = [str(LABBOOK), "run", str(spec)]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(list(folders.rglob("last.ckpt"))) == 1, first)  # the first one's live checkpoint
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(list(folders.rglob("last.ckpt"))) == 2, second)  # the second one's, elsewhere
+    gate.touch()  # both go on to the end
+    results = [process.communicate(timeout=600) for process in (first, second)]
+    assert first.returncode == 0, results[0][1][-3000:]
+    assert second.returncode == 0, results[1][1][-3000:]
+    assert "another live training" in results[1][1] and "holds its folder" in results[1][1]
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("regression").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:  # neither resumed the other's training: every epoch trained and logged
+        assert "labbook.resumed_from" not in run.data.tags, run.data.tags
+        assert len(client.get_metric_history(run.info.run_id, "val_loss")) == EPOCHS
+    assert not any(folders.rglob("*.ckpt"))  # both ended: nothing left to resume
+
+
+def test_6_a_new_study_never_resumes_another_studys_training(store: str, tmp_path: Path) -> None:
+    gate = tmp_path / "go"
+    raw = _tiny_resumable(tmp_path, gate)
+    raw["tune"] = {
+        "metric": "val_r2",
+        "direction": "maximize",
+        "n_trials": 1,
+        "sampler": {"name": "random", "seed": 1},
+        "pruner": "none",
+        "space": {"lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True}},
+    }
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    folders = tmp_path / "mlruns" / "checkpoints"
+    tune = [str(LABBOOK), "tune", str(spec), "--no-register", "--no-report", "--study-name"]
+    stopped = subprocess.Popen([*tune, "exp b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(folders.rglob("last.ckpt")), stopped)
+    stopped.send_signal(signal.SIGTERM)
+    _, stderr = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143, stderr[-3000:]
+    (left,) = folders.rglob("last.ckpt")  # the stopped study's training, kept for its own resume
+
+    gate.touch()
+    done = labbook(*tune[1:], "exp_b")  # a name that cleans up to the same folder name
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(store)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("regression").experiment_id], "tags.`labbook.study_name` = 'exp_b'"
+    )
+    (trial,) = [r for r in runs if "labbook.trial_number" in r.data.tags]
+    assert "labbook.resumed_from" not in trial.data.tags, trial.data.tags  # trained from epoch 0
+    assert len(client.get_metric_history(trial.info.run_id, "val_loss")) == EPOCHS
+    assert left.exists()  # the other study's checkpoint is untouched
+
+
+def test_6_a_held_checkpoint_folder_is_never_given_to_a_second_training(tmp_path: Path) -> None:
+    from pipelines import resume
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    first = resume.claim(uri, "e/spec-1")
+    second = resume.claim(uri, "e/spec-1")  # the first is live: another folder of the same training
+    assert not first.extra and second.extra and second.path != first.path
+    (second.path / "last.ckpt").write_bytes(b"a crashed attempt's")
+    second.release(finished=False)  # it crashed: its checkpoints stay to be resumed
+    first.release(finished=True)  # it ended: its folder goes
+    assert not first.path.exists() and (second.path / "last.ckpt").exists()
+    third = resume.claim(uri, "e/spec-1")  # the next attempt resumes the crashed one
+    assert third.path == second.path
+    third.release(finished=True)
+    assert resume.trial_key("exp b", _frozen(0)) != resume.trial_key("exp_b", _frozen(0))
+    assert resume.trial_key("Exp", _frozen(0)) != resume.trial_key("exp", _frozen(0))  # case-insensitive disks
+    assert len(resume.trial_key("x" * 500, _frozen(0)).split("/")[0]) < 255
+
+
+def _frozen(number: int) -> optuna.trial.FrozenTrial:
+    study = optuna.create_study()
+    for _ in range(number + 1):
+        trial = study.ask()
+    return study._storage.get_trial(trial._trial_id)
