@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipelines.errors import TrackingUnavailable
+from pipelines.errors import TrackingUnavailable, reason
 from pipelines.launch import quiet_defaults
 from pipelines.spec_io import SpecError
 
@@ -98,7 +98,7 @@ def _store_failed(exc: Exception) -> typer.Exit:
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"error: {reason(message)}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -269,7 +269,7 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
         raise _interrupted(exc) from None
     out.print(f"pipeline run {result.run_id}: {result.status}")
     if result.error:
-        err.print(f"error: {result.error}", markup=False, highlight=False)
+        err.print(f"error: {reason(result.error)}", markup=False, highlight=False)
         err.print(f"fix it, then continue with: labbook run {spec} --from {result.failed_step}", markup=False)
         raise typer.Exit(1)
 

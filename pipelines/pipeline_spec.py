@@ -24,7 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from pipelines.spec import Spec
 
-from pipelines.spec_io import MAX_EXPERIMENT, MAX_NAME, PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines.spec_io import (
+    MAX_EXPERIMENT,
+    MAX_NAME,
+    PROJECT_ROOT,
+    SpecError,
+    bounded,
+    notebook_problem,
+    one_line,
+    read_yaml,
+    shown,
+)
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
 STEP_NAME = r"^[A-Za-z_][\w-]*$"
@@ -298,8 +308,11 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
                     raise SpecError(f"{where}.student.{exc}") from None
     elif isinstance(step, NotebookStep):
         notebook = notebook_path(step.notebook, path)
-        if not notebook.is_file():
-            raise SpecError(f"{where}.notebook: no such notebook {step.notebook!r}")
+        if not notebook.exists():
+            raise SpecError(bounded(f"{where}.notebook: no such notebook {shown(step.notebook, 200)}"))
+        problem = notebook_problem(notebook)
+        if problem is not None:
+            raise SpecError(bounded(f"{where}.notebook: {shown(step.notebook, 200)}: {problem}"))
         import papermill
 
         declared = set(papermill.inspect_notebook(str(notebook)))

@@ -20,7 +20,17 @@ from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.settings import checked_type
 from pipelines import spec_yaml
-from pipelines.spec_io import MAX_EXPERIMENT, MAX_NAME, PROJECT_ROOT, SpecError, bounded, one_line, read_yaml, shown
+from pipelines.spec_io import (
+    MAX_EXPERIMENT,
+    MAX_NAME,
+    PROJECT_ROOT,
+    SpecError,
+    bounded,
+    notebook_problem,
+    one_line,
+    read_yaml,
+    shown,
+)
 from pipelines.tune_spec import TuneSpec
 
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
@@ -296,8 +306,11 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
     notebook = spec.notebook_path(path.parent)
-    if not notebook.is_file():
-        raise SpecError(f"{path}: notebook: no such notebook {spec.notebook!r}")
+    if not notebook.exists():
+        raise SpecError(bounded(f"{path}: notebook: no such notebook {shown(spec.notebook, 200)}"))
+    problem = notebook_problem(notebook)
+    if problem is not None:
+        raise SpecError(bounded(f"{path}: notebook: {shown(spec.notebook, 200)}: {problem}"))
     return spec
 
 

@@ -89,3 +89,36 @@ def read_yaml(path: Path) -> Any:
         raise SpecError(bounded(f"{path}:{where}: malformed YAML: {getattr(exc, 'problem', exc)}")) from None
     except RecursionError:
         raise SpecError(f"{path}: values nested too deeply for a spec") from None
+
+
+MAX_NOTEBOOK_BYTES = 64 * 2**20  # a source notebook is kB to a few MB (with plots); past this it is not one
+
+
+def notebook_problem(path: Path) -> str | None:
+    """Why `path` cannot be a notebook a run executes, in one line quoting none of its contents; None when it can.
+
+    It must be a readable file papermill can run: a Jupyter notebook (JSON, valid against nbformat's
+    schema) with a code cell tagged `parameters`, after which papermill injects the run's settings
+    (without the tag the notebook would run on its own defaults, whatever the spec says).
+    """
+    import nbformat  # here, not at import: `labbook --help` stays light
+
+    from pipelines.errors import reason
+
+    if not path.exists():
+        return "no such notebook"
+    if not path.is_file():
+        return "not a file"
+    try:
+        if path.stat().st_size > MAX_NOTEBOOK_BYTES:
+            return f"over {MAX_NOTEBOOK_BYTES} bytes: not a source notebook"
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    except Exception as exc:  # noqa: BLE001 - nbformat raises many kinds on bad input; each is worded by reason()
+        return f"not a Jupyter notebook ({reason(exc).removeprefix('not a Jupyter notebook: ')})"
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    if not any("parameters" in cell.get("metadata", {}).get("tags", []) for cell in code):
+        return "no code cell tagged 'parameters' (papermill injects the run's settings after it; tag it in Jupyter)"
+    return None

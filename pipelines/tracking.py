@@ -23,7 +23,7 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from pipelines import driver
-from pipelines.errors import TrackingUnavailable
+from pipelines.errors import TrackingUnavailable, reason
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAG_PREFIX = "labbook."
@@ -325,7 +325,7 @@ def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> N
     mlflow.set_terminated(run_id, RunStatus.to_string(status))
     if error:
         with contextlib.suppress(Exception):  # the status already says it failed
-            mlflow.set_tag(run_id, f"{TAG_PREFIX}error", error[:5000])
+            mlflow.set_tag(run_id, f"{TAG_PREFIX}error", reason(error))
 
 
 MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value (MAX_PARAM_VAL_LENGTH)

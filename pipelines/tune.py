@@ -30,6 +30,7 @@ from rich.table import Table
 
 from pipelines import notebook, resume, tracking
 from pipelines import study as studies
+from pipelines.errors import reason
 from pipelines.guarded_sampler import SamplerFailed
 from pipelines.launch import ENV_PID
 from pipelines.run import run_training
@@ -290,6 +291,7 @@ class _Worker:
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
+        error = reason(error)
         trial.set_user_attr("error", error)
         self.mlflow.set_tag(run_id, TRIAL_STATE_TAG, "FAIL")
         self.mlflow.set_tag(run_id, f"{tracking.TAG_PREFIX}error", error)
@@ -491,7 +493,7 @@ def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console |
     if executed.interrupted:
         raise executed.interrupted
     if executed.error:  # the study's results stand; say what the report could not do
-        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}report_error", executed.error)
+        mlflow.set_tag(parent, f"{tracking.TAG_PREFIX}report_error", reason(executed.error))
         if console:
             console.print(f"[yellow]warning: the study report failed: {executed.error}[/yellow]")
     elif console:

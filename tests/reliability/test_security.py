@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbformat
@@ -251,3 +251,87 @@ def test_2_rerun_executes_the_recorded_notebook_never_whatever_a_tag_names(store
     assert refused.returncode == 2 and "edited since" in refused.stderr, refused.stderr[-2000:]
     assert not marker.exists() and len(client.search_runs([experiment])) == 2
     shutil.rmtree(evil.parent)
+
+
+def _untagged_notebook(path: Path) -> Path:
+    """The train notebook with its `parameters` tag removed (issue 22 case 9)."""
+    nb = nbformat.read(PROJECT_ROOT / "notebooks" / "train.ipynb", as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("tags", None)
+    nbformat.write(nb, path)
+    return path
+
+
+NOT_NOTEBOOKS: list[tuple[str, Callable[[Path], Path | str], str]] = [
+    ("a system file", lambda tmp: "/etc/passwd", "not a Jupyter notebook (not JSON)"),
+    ("a binary file", lambda tmp: _write(tmp / "b.ipynb", b"\x89PNG\r\n\x1a\n\x00secret-bytes"), "not UTF-8"),
+    ("JSON that is no notebook", lambda tmp: _write(tmp / "j.ipynb", b'{"secret": "hunter2"}'), "schema refuses"),
+    ("a JSON list", lambda tmp: _write(tmp / "l.ipynb", b'["hunter2"]'), "not a Jupyter notebook"),
+    ("an empty file", lambda tmp: _write(tmp / "e.ipynb", b""), "not a Jupyter notebook (not JSON)"),
+    (
+        "a truncated notebook",
+        lambda tmp: _write(tmp / "t.ipynb", (PROJECT_ROOT / "notebooks" / "train.ipynb").read_bytes()[:400]),
+        "not a Jupyter notebook (not JSON)",
+    ),
+    ("a directory", lambda tmp: str(PROJECT_ROOT / "notebooks"), "not a file"),
+    ("a notebook without the parameters tag", lambda tmp: _untagged_notebook(tmp / "u.ipynb"), "tagged 'parameters'"),
+]
+LEAKS = ("root:", "hunter2", "secret-bytes", '"cells"', "PNG", "cell_type")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "make", "expected"), NOT_NOTEBOOKS, ids=[k for k, _, _ in NOT_NOTEBOOKS])
+def test_3_a_spec_whose_notebook_is_not_a_parameterized_notebook_is_refused_at_validate_quoting_nothing(
+    tmp_path: Path, kind: str, make: Callable[[Path], Path | str], expected: str
+) -> None:
+    raw = yaml.safe_load((SPECS / "regression_mlp.yaml").read_text())
+    raw["notebook"] = str(make(tmp_path))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    for command in ("validate", "run"):
+        done = labbook(command, str(spec), cwd=tmp_path)
+        assert done.returncode == 2, (kind, command, done.stdout[-1000:], done.stderr[-2000:])
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert f"notebook: {raw['notebook']!r}: " in done.stderr
+        assert expected in done.stderr and len(done.stderr) <= 510, done.stderr
+        assert not any(leak in done.stderr + done.stdout for leak in LEAKS), done.stderr
+    assert not (tmp_path / "mlruns").exists()  # nothing written
+
+
+def test_3_a_pipelines_notebook_step_is_checked_the_same_way(tmp_path: Path) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        yaml.safe_dump({"name": "p", "steps": [{"name": "x", "kind": "notebook", "notebook": "/etc/passwd"}]})
+    )
+    done = labbook("validate", str(pipeline), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "steps.x.notebook: '/etc/passwd': not a Jupyter notebook (not JSON)" in done.stderr
+    assert "root:" not in done.stderr
+
+
+def test_3_a_notebook_that_fails_to_load_at_run_time_stores_no_contents_in_its_error_tag(store: str) -> None:
+    """Past validation (a file swapped after `validate`, a rerun): the run fails, its tag says why, not what."""
+    from pipelines.run import run_notebook
+
+    result = run_notebook(Path("/etc/passwd"), {}, "leaks")
+    run = MlflowClient(store).get_run(result.run_id)
+    error = run.data.tags["labbook.error"]
+    assert run.info.status == "FAILED" and error == result.error
+    assert error == "not a Jupyter notebook: not JSON" and "root:" not in error
+
+
+def test_3_error_lines_and_tags_are_bounded_one_line(store: str) -> None:
+    done = labbook("rerun", "f" * 5000)  # MLflow's message quotes the id whole
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert len(done.stderr.strip()) <= len("error: ") + 500, len(done.stderr)
+    from pipelines import tracking
+
+    client = MlflowClient(store)
+    run_id = tracking.start_run(client, "bounded")
+    tracking.finish_run(client, run_id, "ValueError: " + "x" * 6000 + "\nkept at /some/where.ipynb")
+    tag = client.get_run(run_id).data.tags["labbook.error"]
+    assert len(tag) <= 500 and "\n" not in tag and tag.endswith("kept at /some/where.ipynb")
