@@ -175,7 +175,7 @@ def _wall(moment: datetime) -> datetime:
     return moment.replace(tzinfo=None)
 
 
-def _instants(cron: CronExpression, zone: tzinfo, wall: datetime) -> list[datetime]:
+def instants(cron: CronExpression, zone: tzinfo, wall: datetime) -> list[datetime]:
     """The real moments (in UTC) one matching wall-clock time fires at, by Vixie's DST rule.
 
     Compared in UTC: Python compares two times of one zone by their wall clocks, ignoring fold.
@@ -203,7 +203,7 @@ def next_fire(cron: CronExpression, zone: tzinfo, after: datetime) -> datetime:
         wall = walk.get_next(datetime)
         if best is not None and wall > _wall(best.astimezone(zone)) + _WINDOW:
             return best.astimezone(zone)
-        for moment in _instants(cron, zone, wall):
+        for moment in instants(cron, zone, wall):
             if moment > after and (best is None or moment < best):
                 best = moment
 

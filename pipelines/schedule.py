@@ -265,6 +265,8 @@ def add(
     """
     if (cron is None) == (every is None):
         raise SpecError("--cron/--every: give exactly one of them")
+    if every is not None and timezone is not None:
+        raise SpecError("--timezone: only a --cron schedule reads a clock; --every counts seconds")
     name = check_id(schedule_id) if schedule_id is not None else default_id(spec)
     zone = check_timezone(timezone) if cron else None
     trigger: BaseTrigger = CronTrigger(cron, zone) if cron else IntervalTrigger(seconds=every)

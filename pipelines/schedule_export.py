@@ -26,12 +26,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from croniter import croniter
+
 from pipelines import cron as cronlib
 from pipelines.schedule import Schedule
 
 _SYSTEMD_DAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
 _UTC_NAMES = {"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu", "Etc/GMT", "GMT", "Etc/GMT0"}
 DST_YEARS = 10
+_NEAR = timedelta(hours=3)  # how far from a DST change its effects are looked for
 
 
 def command(s: Schedule) -> list[str]:
@@ -169,18 +172,17 @@ def dst_nights(expression: str, timezone: str, start: datetime, years: int = DST
     c = cronlib.parse(expression)
     zone = ZoneInfo(timezone)
     start = start.astimezone(UTC)
-    extra = []
+    extra: set[datetime] = set()
     for change in _transitions(zone, start, start + timedelta(days=366 * years)):
-        moment = change - timedelta(hours=3)
-        while True:
-            moment = cronlib.next_fire(c, zone, moment)
-            if moment > change + timedelta(hours=3):
-                break
-            wall = moment.replace(tzinfo=None)
-            repeated = moment.fold == 1 and moment.utcoffset() != wall.replace(tzinfo=zone, fold=0).utcoffset()
-            if not c.matches(wall) or repeated:
-                extra.append(moment.astimezone(UTC))
-    return extra
+        low, high = ((change + hours).astimezone(zone).replace(tzinfo=None) for hours in (-_NEAR, _NEAR))
+        walk = croniter(c.croniter_text(), low - timedelta(minutes=1), day_or=c.days_or)
+        while (wall := walk.get_next(datetime)) <= high:
+            for i, moment in enumerate(cronlib.instants(c, zone, wall)):
+                # the second pass of a repeated hour, or a skipped time run after the jump (03:00
+                # itself not matching: systemd fires a matching 03:00 anyway)
+                if i == 1 or not c.matches(moment.astimezone(zone).replace(tzinfo=None)):
+                    extra.add(moment)
+    return sorted(extra)
 
 
 def _dated(moments: list[datetime]) -> list[str]:
