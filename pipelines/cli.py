@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 quiet_defaults()  # before MLflow and nbformat are imported (inside the commands)
+# A store that cannot be written is said in one line (`store_problem`); MLflow would also log
+# the database error with its traceback.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
 err = Console(stderr=True, soft_wrap=True)
 

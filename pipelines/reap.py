@@ -82,6 +82,7 @@ def reap(uri: str | None = None, dry_run: bool = False) -> list[Reaped]:
     if not dry_run:
         with contextlib.suppress(OSError):
             remove_stale_connection_files()
+            tracking.remove_dead_reserves(uri)
     return found
 
 

@@ -305,6 +305,7 @@ def start_run(
         all_tags[MLFLOW_RUN_NAME] = run_name
     run = mlflow.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
     driver.drive(mlflow, run.info.run_id, tag=False)
+    _hold_reserve(mlflow.tracking_uri)
     return run.info.run_id
 
 
@@ -322,10 +323,67 @@ def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> N
     """
     driver.release(run_id)
     status = RunStatus.FAILED if error else RunStatus.FINISHED
-    mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    try:
+        mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    except Exception as exc:
+        # A full disk (a notebook's output can fill it): this process's reserve frees room for the status.
+        if store_problem(exc, mlflow.tracking_uri) is None or not _release_reserve(mlflow.tracking_uri):
+            raise
+        mlflow.set_terminated(run_id, RunStatus.to_string(status))
     if error:
         with contextlib.suppress(Exception):  # the status already says it failed
             mlflow.set_tag(run_id, f"{TAG_PREFIX}error", reason(error))
+
+
+RESERVE_BYTES = 256 * 1024  # room for a run's last writes (status, reason) on a disk that filled up
+_RESERVE_PREFIX = ".labbook-reserve-"
+
+
+def _reserve_path(uri: str) -> Path | None:
+    """This process's reserve file beside a local store (`.labbook-reserve-<pid>-<start time>`)."""
+    folder = local_store_dir(uri)
+    started = driver.start_time(os.getpid())
+    return None if folder is None or started is None else folder / f"{_RESERVE_PREFIX}{os.getpid()}-{started}"
+
+
+def _hold_reserve(uri: str) -> None:
+    """Set aside RESERVE_BYTES beside a local store, once per process, removed when it exits.
+
+    Written by hand (the file system's own reserved blocks are root's, and a tmpfs has none):
+    when a run fills the disk, its driver can still write that the run FAILED.
+    """
+    import atexit
+
+    path = _reserve_path(uri)
+    if path is None or path.exists():
+        return
+    try:
+        with open(path, "xb") as reserve:
+            os.posix_fallocate(reserve.fileno(), 0, RESERVE_BYTES)
+    except OSError:  # no room even for that: nothing is set aside
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    atexit.register(lambda: path.unlink(missing_ok=True))
+
+
+def _release_reserve(uri: str) -> bool:
+    """Free this process's reserve; False if it had none."""
+    path = _reserve_path(uri)
+    if path is None or not path.exists():
+        return False
+    path.unlink()
+    return True
+
+
+def remove_dead_reserves(uri: str) -> None:
+    """Reserve files of processes that are gone (killed: their exit handler never ran)."""
+    folder = local_store_dir(uri)
+    for path in folder.glob(f"{_RESERVE_PREFIX}*") if folder is not None else []:
+        pid, _, started = path.name.removeprefix(_RESERVE_PREFIX).partition("-")
+        if pid.isdigit() and driver.start_time(int(pid)) != started:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value (MAX_PARAM_VAL_LENGTH)

@@ -254,15 +254,20 @@ def test_3_a_disk_that_fills_during_a_run_fails_it_in_one_line(
     uri = f"sqlite:///{disk / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
-    fill = f"from tests.reliability.test_record import _fill\n_fill(__import__('pathlib').Path({str(disk)!r}), 160_000)"
+    stats = "__import__('os').statvfs(disk)"
+    fill = f"disk = {str(disk)!r}\nfree = {stats}.f_bavail * {stats}.f_frsize\n"
+    fill += "open(disk + '/filler', 'wb').write(bytes(free - 160_000))  # the disk fills during the run"
     nb = _train_notebook_with(tmp_path, fill, after="trainer.test(")
     done = labbook("run", str(_spec(tmp_path, notebook=str(nb))))
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr[-2000:]
+    assert (disk / "filler").exists(), done.stderr[-3000:]  # the disk filled during the run
     (disk / "filler").unlink()  # room to read the record back
     (run,) = _runs(uri)
     assert run.info.status == "FAILED"  # never FINISHED: the status was written before anything else
+    assert run.data.tags["labbook.error"]  # and why, in one line
+    assert not list((disk / "mlruns").glob(".labbook-reserve-*"))  # the room set aside was used, or freed on exit
 
 
 def test_3_a_full_store_disk_is_one_line_and_exit_1(
