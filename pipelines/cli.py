@@ -589,6 +589,13 @@ def reap(
 def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    auth: Annotated[
+        bool,
+        typer.Option(
+            help="MLflow's basic auth (as labbook server --auth): on a shared machine any local user reaches "
+            "127.0.0.1; admin login from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
+        ),
+    ] = False,
 ) -> None:
     """Start the MLflow UI on the store labbook's runs use."""
     from pipelines.tracking import tracking_uri
@@ -597,15 +604,24 @@ def ui(
     if uri.startswith(("http://", "https://")):
         out.print(f"runs are tracked by the MLflow server at {uri}: open it in a browser")
         return
-    _close_dead_runs()
-    out.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     # One person's local UI: one server process (its requests run in a thread pool), not MLflow's
     # default 4, each importing MLflow (~2 s of CPU) and holding ~200 MB. `labbook server` scales.
     command += ["--workers", "1"]
     # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
-    _serve(command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    if auth:
+        from pipelines.server import basic_auth
+
+        try:
+            command += basic_auth(env)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    _close_dead_runs()
+    login = " (basic auth)" if auth else ""
+    out.print(f"MLflow UI{login} for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    _serve(command, env)
 
 
 def _serve(command: list[str], env: dict[str, str]) -> None:

@@ -6,12 +6,18 @@ other user is `nobody`, entered with `setpriv` (these tests need root to switch 
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from mlflow import MlflowClient
 
 from pipelines.launch import trusted_connection, untrusted_socket
 from pipelines.spec import PROJECT_ROOT
-from tests.conftest import labbook
+from tests.conftest import LABBOOK, labbook
 
 SPECS = PROJECT_ROOT / "pipelines"
 SECRET = "s3cret-password-of-the-caller"
@@ -335,3 +341,106 @@ def test_3_error_lines_and_tags_are_bounded_one_line(store: str) -> None:
     tracking.finish_run(client, run_id, "ValueError: " + "x" * 6000 + "\nkept at /some/where.ipynb")
     tag = client.get_run(run_id).data.tags["labbook.error"]
     assert len(tag) <= 500 and "\n" not in tag and tag.endswith("kept at /some/where.ipynb")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _status(url: str, login: tuple[str, str] | None = None, body: dict | None = None) -> int:
+    """The HTTP status of a GET (or a JSON POST with `body`), with basic auth when given a login."""
+    headers = {"Content-Type": "application/json"}
+    if login:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+def _readable_by_nobody(path: Path) -> bool:
+    return subprocess.run([*AS_NOBODY, "cat", str(path)], capture_output=True).returncode == 0
+
+
+@needs_root
+def test_4_and_5_labbook_ui_auth_refuses_anonymous_requests_and_keeps_its_credentials_private(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home = Path(tempfile.mkdtemp(prefix="lb-ui-", dir="/tmp"))
+    home.chmod(0o755)  # other users may walk in, as into a home or project folder: only file modes protect
+    try:
+        (home / "mlruns").mkdir(mode=0o755)
+        store = f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+        client = MlflowClient(store)
+        run_id = client.create_run(client.create_experiment("shared")).info.run_id
+        # Left by an older labbook: readable by everyone, fixed when the UI starts.
+        for name in ("basic_auth.db", "basic_auth.ini"):
+            (home / "mlruns" / name).touch(mode=0o644)
+        login = ("labbook-admin", "s3cret-" + uuid.uuid4().hex[:8])
+
+        refused = labbook(
+            "ui", "--auth", cwd=home, env={"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""}
+        )
+        assert (
+            refused.returncode == 2 and refused.stderr.count("\n") == 1 and "MLFLOW_TRACKING_PASSWORD" in refused.stderr
+        )
+
+        port = _free_port()
+        env = {**os.environ, "MLFLOW_TRACKING_USERNAME": login[0], "MLFLOW_TRACKING_PASSWORD": login[1]}
+        command = [str(LABBOOK), "ui", "--auth", "--port", str(port)]
+        ui = subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert "MLflow UI (basic auth)" in ui.stdout.readline()
+            api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    anonymous = _status(f"{api}/experiments/search?max_results=5")
+                    break
+                except OSError:
+                    assert ui.poll() is None and time.monotonic() < deadline, "the UI did not answer within 120 s"
+                    time.sleep(0.5)
+            assert anonymous == 401
+            assert _status(f"{api}/runs/delete", body={"run_id": run_id}) == 401  # another local user, no login
+            assert _status(f"{api}/experiments/search?max_results=5", (login[0], "wrong")) == 401
+            assert _status(f"{api}/experiments/search?max_results=5", login) == 200
+            assert client.get_run(run_id).info.lifecycle_stage == "active"
+
+            for name in ("basic_auth.db", "basic_auth.ini"):  # the password hash, the users' database URL
+                path = home / "mlruns" / name
+                assert oct(path.stat().st_mode & 0o777) == oct(0o600), name
+                assert not _readable_by_nobody(path), name
+            assert (home / "mlruns" / "basic_auth.db").stat().st_size > 0  # MLflow's users' tables are in it
+            assert _readable_by_nobody(home / "mlruns" / "mlflow.db")  # the check can tell: runs stay readable
+        finally:
+            ui.terminate()
+            ui.wait(timeout=30)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_4_labbook_server_auth_makes_its_users_database_and_settings_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`labbook server --auth` shares `labbook ui --auth`'s code (started for real above): same files, same modes."""
+    from pipelines.server import server_command
+
+    monkeypatch.chdir(tmp_path)
+    users = tmp_path / "elsewhere" / "users.db"
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    previous = os.umask(0o000)  # the most permissive umask: the modes must not depend on it
+    try:
+        command = server_command(
+            "sqlite:///runs.db", str(tmp_path / "a"), auth=True, auth_db=f"sqlite:///{users}", environ=env
+        )
+    finally:
+        os.umask(previous)
+    assert command.argv[-2:] == ["--app-name", "basic-auth"]
+    for path in (users, tmp_path / "mlruns" / "basic_auth.ini"):
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+    assert f"database_uri = sqlite:///{users}" in (tmp_path / "mlruns" / "basic_auth.ini").read_text()
