@@ -402,7 +402,14 @@ def _claims(url: str) -> tuple[Any, Any]:
         Column("claimed_by", String(300), nullable=False),
         Column("claimed_at", Float, nullable=False),  # Unix time, s
     )
-    table.create(engine, checkfirst=True)
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        table.create(engine, checkfirst=True)
+    except DBAPIError:  # two schedulers starting at once: the other one created it first
+        if not inspect(engine).has_table(CLAIMS_TABLE):
+            raise
     return engine, table
 
 
