@@ -249,8 +249,11 @@ def test_a_requeued_training_continues_its_epochs_in_the_same_run(slurm: None, s
     [run] = runs
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_loss")
-    assert len(history) == epochs == len({m.step for m in history})  # every epoch once: continued, not restarted
+    # Continued, not restarted: no epoch logged twice, the last one reached. The epoch the signal cut
+    # short has no validation of its own: Lightning resumes a mid-epoch checkpoint at the next epoch.
+    assert len({m.step for m in history}) == len(history) >= epochs - 1
     assert int(run.data.tags["labbook.resumed_at_epoch"]) >= 2  # the requeued attempt started mid-fit
+    assert max(m.value for m in client.get_metric_history(run.info.run_id, "epoch")) >= epochs - 1
 
 
 def test_a_specs_launcher_section_launches_on_slurm_and_is_checked_like_the_flags(
