@@ -271,6 +271,7 @@ def test_the_systemd_export_fires_what_the_scheduler_fires(timezone: str) -> Non
         datetime(2026, 10, 24, 21, 0, tzinfo=UTC),  # Europe: 2026-10-25 01:00 UTC, back
         datetime(2027, 3, 27, 21, 0, tzinfo=UTC),  # Europe: 2027-03-28 01:00 UTC, forward
         datetime(2027, 3, 14, 3, 0, tzinfo=UTC),  # US: 2027-03-14 07:00 UTC, forward
+        datetime(2026, 11, 1, 2, 0, tzinfo=UTC),  # US: 2026-11-01 06:00 UTC, back
     ):
         for expression in EXPRESSIONS:
             values = export_values(expression, timezone, after - timedelta(days=1))
