@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NLP_STAMP := $(VENV)/.installed-nlp
 SPEC ?= pipelines/digits_nightly.yaml
 
-.PHONY: setup run test test-fast lint bench ui clean
+.PHONY: setup run test test-fast lint bench bench-growth ui clean
 
 setup: $(STAMP)
 
@@ -40,9 +40,16 @@ test-fast: setup $(NLP_STAMP)
 
 # The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min),
 # then where one trial's seconds go (bench/profile_trial.py): bench/profile.json and bench/profile.md (~3 min).
+# How costs grow with trials and runs (SQLite and PostgreSQL) is its own target: `make bench-growth`.
 bench: setup
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/profile_trial.py
+
+# Per-trial overhead at trial 1, 100, 1000; labbook compare, the report notebook and labbook ui's first
+# page on 1,000 and 10,000 runs; SQLite and PostgreSQL at 127.0.0.1:5432 (bench/growth.py, ~30 min):
+# writes bench/growth.json and bench/growth.md.
+bench-growth: setup
+	$(BIN)/python bench/growth.py
 
 lint: setup
 	$(BIN)/ruff check .

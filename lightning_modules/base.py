@@ -9,16 +9,28 @@ same names: `optimizer`, `lr`, `momentum`, `weight_decay`, `l1`, `scheduler`,
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+import typing
+from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
 from torch import nn
 
-Optimizer = Literal["sgd", "adam", "adamw"]
-Scheduler = Literal["none", "cosine", "step", "onecycle"]
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-SCHEDULERS: tuple[str, ...] = ("none", "cosine", "step", "onecycle")
+from lightning_modules.settings import (
+    Dropout,
+    Gamma,
+    Momentum,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Optimizer,
+    PositiveFloat,
+    PositiveInt,
+    Scheduler,
+    checked,
+)
+
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 
 
 class TrainableModule(L.LightningModule):
@@ -31,25 +43,25 @@ class TrainableModule(L.LightningModule):
     # What one input is: "features" (floats) or "tokens" (integer ids); must match the data's.
     input_kind: ClassVar[str] = "features"
 
+    # Names of the rules in `lightning_modules.settings.RULES` this class's settings obey.
+    rules: ClassVar[tuple[str, ...]] = ()
+
+    @checked  # each value against its declared type and range (lightning_modules.settings)
     def __init__(
         self,
         *,
         optimizer: Optimizer = "adamw",
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        l1: float = 0.0,
+        lr: PositiveFloat = 1e-3,
+        momentum: Momentum = 0.9,
+        weight_decay: NonNegativeFloat = 0.0,
+        l1: NonNegativeFloat = 0.0,
         scheduler: Scheduler = "none",
-        warmup_epochs: int = 0,
-        step_size: int = 10,
-        gamma: float = 0.1,
-        dropout: float = 0.0,
+        warmup_epochs: NonNegativeInt = 0,
+        step_size: PositiveInt = 10,
+        gamma: Gamma = 0.1,
+        dropout: Dropout = 0.0,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
         self.optim_settings: dict[str, Any] = dict(
             optimizer=optimizer,
             lr=lr,

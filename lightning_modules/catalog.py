@@ -2,22 +2,27 @@
 
 Importing the classes means importing torch and Lightning, seconds on a laptop; every `labbook`
 command would pay that before reading its spec, and a typo took 5 s to report. So each
-registered class's settings (name → type), task, kind of input and metrics are written once to
-`catalog.json` by `python -m lightning_modules.registry`, from the classes themselves, and read
-here without importing torch. `tests/test_spec.py` fails when the file and the classes disagree.
-This module imports nothing from torch, Lightning or the rest of this package.
+registered class's settings (name → type with its range, as declared on the constructor with
+`lightning_modules.settings`), defaults, rules between settings, task, kind of input and metrics
+are written once to `catalog.json` by `python -m lightning_modules.registry`, from the classes
+themselves, and read here without importing torch. `tests/test_spec.py` fails when the file and
+the classes disagree. This module imports nothing from torch, Lightning or the rest of this
+package but `lightning_modules.settings` (torch-free).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import annotated_types
 
 CATALOG = Path(__file__).with_name("catalog.json")
 
@@ -27,10 +32,18 @@ CATALOG = Path(__file__).with_name("catalog.json")
 DERIVED_FROM_DATA = ("input_shape", "num_classes", "vocab_size")
 DERIVED_FROM_MODEL = ("flatten", "block_size")
 
-# The names a setting's type may use, as written in catalog.json.
+# A model logs `<split>_<metric>` per epoch for each split; only train and val while it fits (the
+# checkpoint monitor, early stopping and a study's pruner read those), test after fitting.
+SPLITS = ("train", "val", "test")
+FIT_SPLITS = ("val", "train")
+
+# The names a setting's type may use, as written in catalog.json: `Annotated[int, Ge(ge=1)]`.
+_CONSTRAINTS = ("Gt", "Ge", "Lt", "Le", "MultipleOf", "MinLen", "MaxLen", "Len")
 _TYPE_NAMES: dict[str, Any] = {
     "Any": Any,
     "Literal": Literal,
+    "Annotated": Annotated,
+    **{name: getattr(annotated_types, name) for name in _CONSTRAINTS},
     "Sequence": Sequence,
     "Mapping": Mapping,
     "None": None,
@@ -44,15 +57,24 @@ class Entry:
 
     name: str
     target: str  # "module:Class", what the registry builds
-    settings: dict[str, str]  # every `__init__` argument → its type as Python source ("Sequence[int]")
+    # every `__init__` argument → its type and range as Python source ("Annotated[int, Ge(ge=1)]")
+    settings: dict[str, str]
     task: str
     input_kind: str
     input_rank: int | None = None
     metric_names: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)  # as JSON: a tuple default is a list
+    rules: tuple[str, ...] = ()  # names in `lightning_modules.settings.RULES`
 
     def types(self) -> dict[str, Any]:
-        """The settings' types, for pydantic: `{"hidden_sizes": Sequence[int], ...}`."""
+        """The settings' types, for pydantic: `{"hidden_sizes": Sequence[Annotated[int, Ge(ge=1)]], ...}`."""
         return {name: eval(source, {"__builtins__": {}}, _TYPE_NAMES) for name, source in self.settings.items()}
+
+    def check_rules(self, values: dict[str, Any]) -> None:
+        """Run this class's rules on `values` (defaults filled in); `ValueError` names the setting."""
+        from lightning_modules.settings import apply_rules
+
+        apply_rules(self.rules, {**self.defaults, **values})
 
 
 @functools.cache
@@ -60,7 +82,10 @@ def _read() -> dict[str, dict[str, Entry]]:
     raw = json.loads(CATALOG.read_text())
     return {
         kind: {
-            name: Entry(name=name, **{**e, "metric_names": tuple(e.get("metric_names", ()))})
+            name: Entry(
+                name=name,
+                **{**e, "metric_names": tuple(e.get("metric_names", ())), "rules": tuple(e.get("rules", ()))},
+            )
             for name, e in entries.items()
         }
         for kind, entries in raw.items()
@@ -80,6 +105,16 @@ def entry(kind: Literal["model", "data"], name: str) -> Entry:
         raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}") from None
 
 
+def metric_names(model: str, splits: Sequence[str] = SPLITS) -> list[str]:
+    """The metrics `model` logs, `<split>_<metric>`: `val_acc`, `train_loss`, ... (`test_` after fitting)."""
+    return [f"{split}_{m}" for split in splits for m in entry("model", model).metric_names]
+
+
+def fit_metric_names(model: str) -> list[str]:
+    """The metrics `model` logs every epoch while it trains: what a checkpoint, early stop or pruner can watch."""
+    return metric_names(model, FIT_SPLITS)
+
+
 def check_fit(model: str, data: str) -> None:
     """A model trains on a data set only if they share the task and the kind of input."""
     m, d = entry("model", model), entry("data", data)
@@ -97,6 +132,13 @@ def type_source(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is type(None) or tp is None:
         return "None"
+    if origin is Annotated:
+        shown = [type_source(args[0])]
+        for meta in tp.__metadata__:
+            if type(meta).__name__ not in _CONSTRAINTS or type(meta).__module__ != "annotated_types":
+                raise TypeError(f"{meta!r}: a setting's range is declared with annotated_types {_CONSTRAINTS}")
+            shown.append(repr(meta))
+        return f"Annotated[{', '.join(shown)}]"
     if origin is Literal:
         return f"Literal[{', '.join(repr(a) for a in args)}]"
     if origin in (typing.Union, types.UnionType):
@@ -118,16 +160,20 @@ def build(
         hints: dict[str, Any] = {}
         for klass in reversed(cls.__mro__):  # a subclass's annotation wins over its base's
             if "__init__" in vars(klass) and klass.__module__.startswith("lightning_modules."):
-                hints |= typing.get_type_hints(klass.__init__)
+                hints |= typing.get_type_hints(klass.__init__, include_extras=True)
+        parameters = init_parameters(cls)
+        defaults = {n: p.default for n, p in parameters.items() if p.default is not inspect.Parameter.empty}
         fields = {
             "target": f"{cls.__module__}:{cls.__qualname__}",
-            "settings": {name: type_source(hints.get(name, Any)) for name in init_parameters(cls)},
+            "settings": {name: type_source(hints.get(name, Any)) for name in parameters},
+            "defaults": {n: list(v) if isinstance(v, tuple) else v for n, v in defaults.items()},
+            "rules": list(getattr(cls, "rules", ())),
             "task": cls.task,
             "input_kind": cls.input_kind,
             "input_rank": getattr(cls, "input_rank", None),
             "metric_names": list(getattr(cls, "metric_names", ())),
         }
-        return {k: v for k, v in fields.items() if v not in (None, [])}  # Entry's defaults
+        return {k: v for k, v in fields.items() if v not in (None, [], {})}  # Entry's defaults
 
     return {
         "model": {name: describe(cls) for name, cls in models.items()},

@@ -7,6 +7,7 @@ Both split train/val/test with a fixed seed (stratified), expose `input_shape`, 
 from __future__ import annotations
 
 import hashlib
+from typing import ClassVar
 
 import lightning.pytorch as L
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_modules.settings import Fraction, NonNegativeFloat, PositiveInt, Seed, checked
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
@@ -36,10 +39,12 @@ class SplitDataModule(L.LightningDataModule):
     input_kind = "features"  # or "tokens": integer ids for a language model or text encoder
     input_shape: tuple[int, ...]
 
-    def __init__(self, batch_size: int, val_fraction: float, test_fraction: float, seed: int) -> None:
+    # Names of the rules in `lightning_modules.settings.RULES` this class's settings obey.
+    rules: ClassVar[tuple[str, ...]] = ("split_fractions",)
+
+    @checked  # each value against its declared type and range (lightning_modules.settings)
+    def __init__(self, batch_size: PositiveInt, val_fraction: Fraction, test_fraction: Fraction, seed: Seed) -> None:
         super().__init__()
-        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -107,14 +112,16 @@ class DigitsDataModule(ArrayDataModule):
 
     task = "classification"
     num_classes = 10
+    rules = ("split_fractions", "digits_splits")
 
+    @checked
     def __init__(
         self,
-        batch_size: int = 64,
+        batch_size: PositiveInt = 64,
         flatten: bool = True,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 42,
+        val_fraction: Fraction = 0.15,
+        test_fraction: Fraction = 0.15,
+        seed: Seed = 42,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, seed)
         self.save_hyperparameters()
@@ -139,16 +146,18 @@ class RegressionDataModule(ArrayDataModule):
     """
 
     task = "regression"
+    rules = ("split_fractions", "regression_splits")
 
+    @checked
     def __init__(
         self,
-        n_samples: int = 1000,
-        n_features: int = 10,
-        noise: float = 0.1,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 42,
+        n_samples: PositiveInt = 1000,
+        n_features: PositiveInt = 10,
+        noise: NonNegativeFloat = 0.1,
+        batch_size: PositiveInt = 64,
+        val_fraction: Fraction = 0.15,
+        test_fraction: Fraction = 0.15,
+        seed: Seed = 42,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, seed)
         self.save_hyperparameters()

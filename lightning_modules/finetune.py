@@ -11,17 +11,19 @@ features move least.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+import typing
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Ge, Gt, Le
 from torch import nn
 
 from lightning_modules.minilm import encoder as pretrained_encoder
+from lightning_modules.settings import Sizes, checked
 from lightning_modules.tasks import ClassifierModule
 
 Mode = Literal["frozen", "top_k", "full"]
-MODES = ("frozen", "top_k", "full")
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 class EncoderClassifier(nn.Module):
@@ -49,20 +51,17 @@ class FineTune(ClassifierModule):
     task = "text_classification"
     input_kind = "tokens"
 
+    @checked
     def __init__(
         self,
-        input_shape: Sequence[int] = (48,),
-        num_classes: int = 6,
+        input_shape: Sizes = (48,),
+        num_classes: Annotated[int, Ge(2)] = 6,
         mode: Mode = "full",
-        unfreeze_layers: int = 2,
-        layer_decay: float = 1.0,
+        unfreeze_layers: Annotated[int, Ge(0), Le(6)] = 2,  # all-MiniLM-L6-v2 has 6 layers
+        layer_decay: Annotated[float, Gt(0), Le(1)] = 1.0,
         **optim: Any,
     ) -> None:
         super().__init__(**optim)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1]; got {layer_decay}")
         self.save_hyperparameters()
         self.net = EncoderClassifier(pretrained_encoder(), num_classes, self.dropout)
         layers = self.net.encoder.encoder.layer

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.text import Perplexity
 
+from lightning_modules.settings import PositiveInt, checked
 from lightning_modules.tasks import SupervisedModule
 
 
@@ -161,14 +162,16 @@ class GPT(SupervisedModule):
     monitor = ("val_loss", "min")
     metric_names = ("loss", "ppl")
     input_kind = "tokens"
+    rules = ("heads_divide_width",)
 
+    @checked
     def __init__(
         self,
-        vocab_size: int = 256,
-        block_size: int = 64,
-        n_layer: int = 2,
-        n_head: int = 4,
-        n_embd: int = 64,
+        vocab_size: PositiveInt = 256,
+        block_size: PositiveInt = 64,
+        n_layer: PositiveInt = 2,
+        n_head: PositiveInt = 4,
+        n_embd: PositiveInt = 64,
         **optim: Any,
     ) -> None:
         super().__init__(**optim)

@@ -7,21 +7,24 @@ everything else is a hyperparameter with the same name in specs, notebooks and M
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Ge, Len
 
 from lightning_modules.components import MLP, ConvNet
+from lightning_modules.settings import PositiveInt, Sizes, checked
 from lightning_modules.tasks import ClassifierModule, RegressorModule
 
 
 class MLPClassifier(ClassifierModule):
     """Multi-layer perceptron classifier (digits: 64 → 50 → 10 by default)."""
 
+    @checked
     def __init__(
         self,
-        input_shape: Sequence[int] = (64,),
-        num_classes: int = 10,
-        hidden_sizes: Sequence[int] = (50,),
+        input_shape: Sizes = (64,),
+        num_classes: Annotated[int, Ge(2)] = 10,
+        hidden_sizes: Sizes = (50,),
         **optim: Any,
     ) -> None:
         super().__init__(**optim)
@@ -35,12 +38,13 @@ class CNN(ClassifierModule):
 
     input_rank = 3
 
+    @checked
     def __init__(
         self,
-        input_shape: Sequence[int] = (1, 8, 8),
-        num_classes: int = 10,
-        channels: Sequence[int] = (16, 32),
-        fc_hidden: int = 64,
+        input_shape: Sizes = (1, 8, 8),
+        num_classes: Annotated[int, Ge(2)] = 10,
+        channels: Annotated[Sizes, Len(2, 2)] = (16, 32),  # two conv blocks
+        fc_hidden: PositiveInt = 64,
         **optim: Any,
     ) -> None:
         super().__init__(**optim)
@@ -52,10 +56,11 @@ class CNN(ClassifierModule):
 class MLPRegressor(RegressorModule):
     """Multi-layer perceptron regressor (10 → 20 → 1 by default), trained with MSE."""
 
+    @checked
     def __init__(
         self,
-        input_shape: Sequence[int] = (10,),
-        hidden_sizes: Sequence[int] = (20,),
+        input_shape: Sizes = (10,),
+        hidden_sizes: Sizes = (20,),
         **optim: Any,
     ) -> None:
         super().__init__(**optim)

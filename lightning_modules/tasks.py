@@ -16,8 +16,7 @@ from torchmetrics import MeanMetric, MeanSquaredError, MetricCollection, R2Score
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassRecall
 
 from lightning_modules.base import TrainableModule
-
-SPLITS = ("train", "val", "test")
+from lightning_modules.catalog import SPLITS
 
 
 def _log_split(module: TrainableModule, split: str) -> None:

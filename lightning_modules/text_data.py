@@ -16,12 +16,15 @@ import sysconfig
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+from annotated_types import Ge, Le
 from torch.utils.data import TensorDataset
 
 from lightning_modules.data import ArrayDataModule, SplitDataModule
+from lightning_modules.settings import Fraction, PositiveInt, Seed, checked
 
 # Folders of the stdlib that are tests, demos, vendored or generated: left out of every corpus.
 _SKIP_PARTS = frozenset(
@@ -77,19 +80,20 @@ class TextDataModule(SplitDataModule):
     vocab_size = 256
     SEPARATOR = 0  # NUL between files: a byte that no source file holds
 
+    rules = ("split_fractions", "corpus_fits_blocks")
+
+    @checked
     def __init__(
         self,
-        corpus_bytes: int = 200_000,
-        block_size: int = 64,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 42,
+        corpus_bytes: PositiveInt = 200_000,
+        block_size: PositiveInt = 64,
+        batch_size: PositiveInt = 64,
+        val_fraction: Fraction = 0.15,
+        test_fraction: Fraction = 0.15,
+        seed: Seed = 42,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, seed)
         self.save_hyperparameters()
-        if corpus_bytes < 3 * (block_size + 1) / min(val_fraction, test_fraction):
-            raise ValueError(f"corpus_bytes {corpus_bytes} is too small for block_size {block_size}")
         self.corpus_bytes = corpus_bytes
         self.block_size = block_size
         self.input_shape = (block_size,)
@@ -186,14 +190,17 @@ class DocstringsDataModule(ArrayDataModule):
     task = "text_classification"
     input_kind = "tokens"
 
+    rules = ("split_fractions", "docstrings_splits")
+
+    @checked
     def __init__(
         self,
-        per_class: int = 120,
-        max_length: int = 48,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 42,
+        per_class: PositiveInt = 120,
+        max_length: Annotated[int, Ge(2), Le(512)] = 48,  # tokens, [CLS] and [SEP] included; MiniLM reads 512
+        batch_size: PositiveInt = 64,
+        val_fraction: Fraction = 0.15,
+        test_fraction: Fraction = 0.15,
+        seed: Seed = 42,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, seed)
         self.save_hyperparameters()

@@ -9,6 +9,11 @@ process waits, forwards Ctrl-C and SIGTERM, and exits with the command's status.
 process dies (`kill -9` included), the command is killed too. No server, a refusing or stale
 one, or LABBOOK_FORK_KERNELS=0: the command runs here, as it always did.
 
+A request carries this process's whole environment (credentials included) and its terminal, and
+the server runs code as whoever started it: nothing is sent to a socket, or a process behind it,
+that is not this user's own (`trusted_connection`, in `pipelines.kernels.env`, which the fork
+server's clients use too); such a server is refused in one line on stderr and the command runs here.
+
 Only the standard library is imported here (and `pipelines.kernels.env`, which imports no more):
 this module is what every command starts with. It is the one module besides the CLI's own
 package that imports the CLI (`pipelines.cli`); nothing imports this module back.
@@ -24,7 +29,7 @@ import signal
 import socket
 import sys
 
-from pipelines.kernels.env import ENV_PID, interpreter, server_path
+from pipelines.kernels.env import ENV_PID, interpreter, server_path, trusted_connection
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 NOT_FORKED = ("kernel-server",)  # the server itself; a command that starts one must not ask one
@@ -55,10 +60,10 @@ def delegate(path: str, arguments: list[str]) -> int | None:
         "env": {**os.environ, ENV_PID: str(os.getpid())},
         "python": interpreter(),
     }
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection = trusted_connection(path)
+    if connection is None:
+        return None
     try:
-        connection.settimeout(30)
-        connection.connect(path)
         # This process's stdin, stdout and stderr become the command's (SCM_RIGHTS).
         socket.send_fds(connection, [(json.dumps(request) + "\n").encode()], [0, 1, 2])
         replies = connection.makefile("r")

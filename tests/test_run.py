@@ -258,3 +258,32 @@ def test_commands_opening_a_new_store_at_once_all_succeed_and_share_one_store(tm
             process.join(timeout=60)
         assert said == ["ok"] * 4
         assert len(MlflowClient(uri).search_experiments()) == 5  # theirs and Default
+
+
+def test_a_parameter_longer_than_250_characters_is_logged_whole(store: str) -> None:
+    """Lightning's logger cut values at 250 characters while labbook logged them whole: MLflow failed
+    the run ("Changing param values is not allowed"). One writer now: the run finishes, the value whole."""
+    sizes = [8] * 90
+    done = labbook("run", str(SPECS / "regression_mlp.yaml"), "--set", "max_epochs=1", "--set", f"hidden_sizes={sizes}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, run = only_run(store, "regression")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["hidden_sizes"] == str(sizes) and len(str(sizes)) > 250
+    assert run.data.params["input_shape"] == "(10,)"  # the model's own hparams, through the same writer
+
+
+def test_a_parameter_past_mlflows_limit_is_kept_whole_as_an_artifact(store: str) -> None:
+    from pipelines import tracking
+
+    client = MlflowClient(store)
+    run_id = tracking.start_run(client, "long-params")
+    long = list(range(2000))  # 9,889 characters: MLflow keeps 6,000 of a param
+    for _ in range(2):  # two writers (labbook's, then the notebook's logger) log the same value
+        tracking.log_params(client, run_id, {"hidden_sizes": long, "lr": 0.1})
+    params = client.get_run(run_id).data.params
+    assert len(params["hidden_sizes"]) == 6000 and params["lr"] == "0.1"
+    assert params["hidden_sizes"].endswith(
+        f" ...[{len(str(long))} characters; whole value: artifact params/hidden_sizes.txt]"
+    )
+    whole = Path(client.download_artifacts(run_id, "params/hidden_sizes.txt"))
+    assert whole.read_text() == str(long)

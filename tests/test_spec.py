@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +128,8 @@ def test_the_catalog_specs_are_checked_against_describes_the_registered_classes(
         for name, cls in table.items():
             entry = catalog.entry(kind, name)
             assert list(entry.settings) == list(init_parameters(cls))
-            own = typing.get_type_hints(cls.__init__)
-            for setting, tp in entry.types().items():  # every written type reads back as the class's own
+            own = typing.get_type_hints(cls.__init__, include_extras=True)
+            for setting, tp in entry.types().items():  # every type and range reads back as declared
                 assert setting not in own or tp == own[setting] or entry.settings[setting] == "Any", (name, setting)
 
 
@@ -142,3 +143,277 @@ def test_reading_a_spec_imports_no_torch_so_bad_input_is_reported_at_once(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     bad = labbook("validate", str(write(tmp_path, changed("model", hidden_sizes="wide"))))
     assert bad.returncode == 2 and "model.hidden_sizes" in bad.stderr, bad.stderr
+
+
+# -- one declaration per setting: the spec, --set and the class refuse the same values -----------------
+SPEC_OF = {
+    ("model", "mlp_classifier"): "digits_mlp",
+    ("model", "cnn"): "digits_cnn",
+    ("model", "mlp_regressor"): "regression_mlp",
+    ("model", "gpt"): "tinygpt",
+    ("model", "finetune"): "finetune_minilm",
+    ("data", "digits"): "digits_mlp",
+    ("data", "regression"): "regression_mlp",
+    ("data", "text"): "tinygpt",
+    ("data", "docstrings"): "finetune_minilm",
+}
+
+
+def _refused_values(tp) -> list:
+    """Values a declared type refuses: past each bound, a wrong length, an unknown choice, a boolean."""
+    import typing
+
+    from annotated_types import Ge, Gt, Le, Len, Lt
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        base, bad = args[0], _refused_values(args[0])
+        for meta in tp.__metadata__:
+            step = 1 if base is int else 0.5
+            if isinstance(meta, Ge):
+                bad.append(meta.ge - step)
+            elif isinstance(meta, Gt):
+                bad.append(meta.gt)
+            elif isinstance(meta, Le):
+                bad.append(meta.le + step)
+            elif isinstance(meta, Lt):
+                bad.append(meta.lt)
+            elif isinstance(meta, Len):
+                bad.append([8] * (meta.min_length - 1) if meta.min_length else [8] * (meta.max_length + 1))
+        return bad
+    if origin is typing.Literal:
+        return ["no-such-choice"]
+    if tp in (int, float):
+        return [True]
+    if args:  # Sequence[Annotated[int, Ge(1)]]: one bad element
+        return [[value] for value in _refused_values(args[0]) if not isinstance(value, list)]
+    return []
+
+
+def _every_setting():
+    from lightning_modules import catalog
+
+    for kind in ("model", "data"):
+        for name in catalog.names(kind):
+            entry = catalog.entry(kind, name)
+            for setting, tp in entry.types().items():
+                for value in _refused_values(tp):
+                    yield kind, name, setting, value
+
+
+@pytest.mark.parametrize(("kind", "name", "setting", "value"), list(_every_setting()))
+def test_every_setting_refuses_the_same_values_in_a_spec_and_in_its_class(kind, name, setting, value) -> None:
+    """Out of its declared range, a setting is refused by `--set` (no torch) and by the class itself."""
+    from lightning_modules import DATA, MODELS
+    from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL
+
+    cls = (MODELS if kind == "model" else DATA)[name]
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: {setting}\b"):
+        cls(**{setting: value})
+    if setting in (DERIVED_FROM_DATA if kind == "model" else DERIVED_FROM_MODEL):
+        return  # never set by a spec
+    path = PROJECT_ROOT / "pipelines" / f"{SPEC_OF[kind, name]}.yaml"
+    with pytest.raises(SpecError, match=rf"\b{setting}\b") as caught:
+        load_spec(path, {setting: value})
+    assert "\n" not in str(caught.value) and len(str(caught.value)) <= 500
+
+
+@pytest.mark.parametrize(
+    ("spec", "overrides", "target", "expected"),
+    [
+        ("digits_mlp", {"val_fraction": 0.999}, "data", "val_fraction + test_fraction: must be below 1"),
+        ("digits_mlp", {"test_fraction": 0.001}, "data", "each split needs at least 10"),
+        ("regression_mlp", {"n_samples": 3}, "data", "n_samples: 3 examples split 1/1/1"),
+        ("regression_mlp", {"n_samples": 20, "test_fraction": 0.1}, "data", "each split needs at least 5"),
+        ("tinygpt", {"n_embd": 30}, "model", "n_embd: must be a multiple of n_head (4), got 30"),
+        ("tinygpt", {"corpus_bytes": 1000}, "data", "corpus_bytes: must be at least"),
+        ("finetune_minilm", {"per_class": 2}, "data", "per_class: 12 examples"),
+    ],
+)
+def test_rules_between_settings_are_the_class_own(spec: str, overrides: dict, target: str, expected: str) -> None:
+    """A rule between settings refuses the same values at `validate` as the class does when it is built."""
+    from lightning_modules import data_class, model_class
+
+    path = PROJECT_ROOT / "pipelines" / f"{spec}.yaml"
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_spec(path, overrides)
+    params = load_spec(path).parameters() | overrides
+    cls = model_class(params["model"]) if target == "model" else data_class(params["data"])
+    from lightning_modules import init_parameters
+
+    kwargs = {k: params[k] for k in init_parameters(cls) if k in params and k not in ("input_shape", "num_classes")}
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        cls(**kwargs)
+
+
+def test_the_spec_sections_defaults_are_the_classes_defaults() -> None:
+    """OptimSpec, dropout, batch_size and seed use the classes' declarations: same defaults, same ranges."""
+    from lightning_modules import catalog
+    from pipelines.spec import DataSpec, ModelSpec, OptimSpec, TrainerSpec
+
+    for model in catalog.names("model"):
+        defaults = catalog.entry("model", model).defaults
+        assert {k: defaults[k] for k in OptimSpec.model_fields} == OptimSpec().model_dump(), model
+        assert defaults["dropout"] == ModelSpec.model_fields["dropout"].default
+    for data in catalog.names("data"):
+        defaults = catalog.entry("data", data).defaults
+        assert defaults["batch_size"] == DataSpec.model_fields["batch_size"].default
+        assert defaults["seed"] == TrainerSpec.model_fields["seed"].default
+
+
+def test_the_train_notebook_defaults_are_valid_settings() -> None:
+    """The notebook's parameters cell holds values every declaration accepts (run as plain papermill)."""
+    import ast
+
+    import nbformat
+
+    from lightning_modules import catalog
+    from lightning_modules.settings import check_value
+
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks" / "train.ipynb", as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    values = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.Assign)
+    }
+    checked = 0
+    for kind in ("model", "data"):
+        for name in catalog.names(kind):
+            for setting, tp in catalog.entry(kind, name).types().items():
+                if setting in values:
+                    check_value(setting, tp, values[setting])
+                    checked += 1
+    assert checked > 30
+
+
+@pytest.mark.parametrize(
+    ("spec", "setting", "field"),
+    [
+        ("digits_mlp", "test_fraction=1.5", "data.test_fraction: Input should be less than 1"),
+        ("digits_mlp", "val_fraction=0.999", "val_fraction + test_fraction: must be below 1"),
+        ("digits_mlp", "seed=-1", "trainer.seed: Input should be greater than or equal to 0"),
+        ("digits_mlp", "max_epochs=true", "trainer.max_epochs: expected a number, got the boolean True"),
+        ("digits_mlp", "lr=.inf", "optim.lr: Input should be a finite number"),
+        ("digits_mlp", "hidden_sizes=[8, 0]", "model.hidden_sizes.1: Input should be greater than or equal to 1"),
+        ("regression_mlp", "n_samples=3", "n_samples: 3 examples split 1/1/1"),
+    ],
+)
+def test_cli_refuses_out_of_range_settings_before_writing_anything(
+    tmp_path: Path, spec: str, setting: str, field: str
+) -> None:
+    path = PROJECT_ROOT / "pipelines" / f"{spec}.yaml"
+    for verb in ("validate", "run"):
+        done = labbook(verb, str(path), "--set", setting, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2, (verb, done.stdout, done.stderr)
+        assert done.stderr.strip().count("\n") == 0 and field in done.stderr, done.stderr
+        assert not (tmp_path / "mlruns").exists()
+
+
+# -- the spec file itself: duplicate keys, alias bombs, bytes, names, tune ranges, environment -------------
+def _bomb(levels: int) -> str:
+    """`[&a0 [8, ...], &a1 [*a0, ...], ...]`: 9**levels values in a few hundred bytes."""
+    parts = ["&a0 [8, 8, 8, 8, 8, 8, 8, 8, 8]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(parts)}]"
+
+
+BASE_TEXT = (PROJECT_ROOT / "pipelines" / "digits_mlp.yaml").read_text()
+TUNE_TEXT = (PROJECT_ROOT / "pipelines" / "regression_tune.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BASE_TEXT + "optim:\n  lr: 0.1\n", "line 24: duplicate key 'optim' (lines 12 and 24)"),
+        (BASE_TEXT.replace("  max_epochs: 30\n", "  max_epochs: 30\n  max_epochs: 3\n"), "duplicate key 'max_epochs'"),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(7)}"), "aliases expand to more than 100000"),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(9)}"), "aliases expand to more than 100000"),
+        (
+            BASE_TEXT.replace("hidden_sizes: [64]", "hidden_sizes: &r [8, *r]"),
+            "an alias refers to a value that contains",
+        ),
+        (BASE_TEXT.replace("hidden_sizes: [64]", f"hidden_sizes: {_bomb(5)}"), "model.hidden_sizes.0: Input should be"),
+        (BASE_TEXT.replace("name: digits_mlp", "name: " + "n" * 230), "name: String should have at most 200"),
+        (
+            BASE_TEXT.replace("experiment: digits", "experiment: " + "e" * 501),
+            "experiment: String should have at most 500",
+        ),
+        (
+            TUNE_TEXT.replace("high: 1.0, log: true", "high: .inf, log: true"),
+            "tune.space.lr.high: Input should be a finite",
+        ),
+        (TUNE_TEXT.replace("low: 1.0e-5, high: 1.0, log: true", "low: -1.0e308, high: 1.0e308"), "range too wide"),
+        (TUNE_TEXT.replace("low: 1.0e-5, high: 1.0,", "low: true, high: 1.0,"), "lr.low: expected a number, got the"),
+        (TUNE_TEXT.replace("metric: val_r2", "metric: test_r2"), "logs each epoch while it trains; known: val_loss"),
+    ],
+)
+def test_refused_spec_files_give_one_bounded_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message and len(message) <= 500, message[:1000]
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(BASE_TEXT.encode().replace(b"digits_mlp", b"digits_\xff_mlp"))
+    with pytest.raises(SpecError, match=r"spec.yaml: line 2: not UTF-8 text \(byte \d+\)"):
+        load_spec(path)
+
+
+def test_set_values_are_read_as_strictly_as_spec_files() -> None:
+    with pytest.raises(SpecError, match="duplicate key 'a'"):
+        parse_overrides(["hidden_sizes={a: 1, a: 2}"])
+    with pytest.raises(SpecError, match="aliases expand to more than"):
+        parse_overrides([f"hidden_sizes={_bomb(7)}"])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("LABBOOK_HEARTBEAT_SECONDS", "abc", "LABBOOK_HEARTBEAT_SECONDS='abc': expected a whole number from 1 to 3600"),
+        ("LABBOOK_WARM_KERNELS", "abc", "LABBOOK_WARM_KERNELS='abc': expected a whole number from 0 to 64"),
+        ("LABBOOK_OPTUNA_STORAGE", "::nope", "LABBOOK_OPTUNA_STORAGE: not a database URL"),
+    ],
+)
+def test_bad_labbook_environment_is_refused_before_anything_is_written(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    path = str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml")
+    for command in (("run", path), ("tune", path, "--n-trials", "1")):
+        done = labbook(*command, cwd=tmp_path, env={variable: value, "MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2, (command, done.stdout, done.stderr[-2000:])
+        assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / "mlruns").exists()
+
+
+def test_every_labbook_variable_read_anywhere_is_checked() -> None:
+    import re as regex
+
+    from pipelines import environment
+
+    read = set()
+    for source in (PROJECT_ROOT / "pipelines").glob("*.py"):
+        read |= set(regex.findall(r"\"(LABBOOK_[A-Z_]+)\"", source.read_text()))
+    assert read - environment.INTERNAL <= set(environment.readers()), read - set(environment.readers())
+
+
+@pytest.mark.parametrize(
+    ("student", "expected"),
+    [
+        ("{hidden_sizes: [0], dropout: 0.0}", "steps.compress.student.hidden_sizes.0: Input should be greater than"),
+        ("{hidden_sizes: [16], dropout: true}", "steps.compress.student.dropout: expected a number, got the boolean"),
+    ],
+)
+def test_pipeline_steps_settings_go_through_the_same_declarations(tmp_path: Path, student: str, expected: str) -> None:
+    text = (PROJECT_ROOT / "pipelines" / "digits_compress.yaml").read_text()
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text.replace("student: {hidden_sizes: [16], dropout: 0.0}", f"student: {student}"))
+    (tmp_path / "digits_mlp.yaml").write_text(BASE_TEXT)
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_pipeline(path)
+    path.write_text(text.replace("max_epochs: 20}", "max_epochs: true}"))  # a train step's `set:`, as --set
+    with pytest.raises(SpecError, match="steps.train.set: trainer.max_epochs: expected a number, got the boolean"):
+        load_pipeline(path)

@@ -413,3 +413,47 @@ def test_ddp_inside_a_trial_reports_from_rank_0_and_prunes_every_rank(
         o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
     ]
     assert errors[0]["ename"] == "TrialPruned"
+
+
+class _BrokenSampler(optuna.samplers.RandomSampler):
+    """A real sampler with a bug where `where` says: Optuna's own raised OverflowError on `high: .inf`."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(seed=0)
+        self.where = where
+
+    def infer_relative_search_space(self, study, trial):
+        if self.where == "relative":  # runs in study.ask(), outside the objective
+            raise ValueError("covariance is not positive definite")
+        return super().infer_relative_search_space(study, trial)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if self.where == "independent":
+            raise OverflowError("Range exceeds valid bounds")
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("independent", "sampler failed: OverflowError: Range exceeds valid bounds"),
+        ("relative", "sampler failed: ValueError: covariance is not positive definite"),
+    ],
+)
+def test_a_sampler_exception_fails_its_trial_not_the_study(
+    store: str, optuna_url: str, where: str, reason: str
+) -> None:
+    from pipelines import study as studies
+    from pipelines.guarded_sampler import GuardedSampler
+    from pipelines.tune import TrialFailed, _Worker, create, open_study
+
+    handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
+    study, parent = create(handle)
+    assert isinstance(study.sampler, GuardedSampler)  # what every study gets
+    study.sampler = GuardedSampler(_BrokenSampler(where))
+    worker = _Worker(handle, parent, console=None)
+    study.optimize(worker.objective, n_trials=2, catch=(TrialFailed,))  # returns: the study goes on
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    for trial in study.trials:
+        assert trial.user_attrs["error"] == reason
+        assert studies.RUN_ID_ATTR not in trial.user_attrs  # nothing was trained with no parameters

@@ -1,13 +1,14 @@
 """What every `labbook` verb shares: the Typer app, the consoles, the options, and how errors end a command.
 
 Bad input exits 2 with one line (`error: ...`); an unreachable or refusing tracking server exits 1;
-Ctrl-C exits 130 and SIGTERM 143 after an orderly stop. `reported()` says which of these a verb
-turns into its exit, in one place.
+Ctrl-C exits 130, SIGTERM 143 and SIGHUP 129 after an orderly stop; a full or read-only store exits
+1 in one line. `reported()` says which of these a verb turns into its exit, in one place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipelines.errors import TrackingUnavailable
+from pipelines.errors import TrackingUnavailable, reason
 from pipelines.kernels.env import quiet_defaults
 from pipelines.specs.spec_io import SpecError
 
@@ -32,6 +33,9 @@ app = typer.Typer(
 
 
 quiet_defaults()  # before MLflow and nbformat are imported (inside the commands)
+# A store that cannot be written is said in one line (`store_problem`); MLflow would also log
+# the database error with its traceback.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 out = Console(soft_wrap=True)  # progress lines stay whole in logs and CI output
@@ -56,33 +60,80 @@ SetOpt = Annotated[
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into the same orderly stop as Ctrl-C (runs closed, notebooks kept)."""
+    """SIGTERM or SIGHUP (its terminal closed), turned into the same orderly stop as Ctrl-C
+    (runs closed FAILED "interrupted", notebooks kept)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def stop_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
-        raise Terminated
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def exit_code(exc: KeyboardInterrupt) -> int:
+    return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 def interrupted(exc: KeyboardInterrupt) -> typer.Exit:
-    err.print("interrupted: run the same command again to resume")
-    return typer.Exit(143 if isinstance(exc, Terminated) else 130)
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        err.print("interrupted: run the same command again to resume")
+    return typer.Exit(exit_code(exc))
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"error: {reason(message)}", markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def before_writing() -> None:
+    """Checks before a command writes anything: every LABBOOK_* setting (exit 2), a read-only store (exit 1)."""
+    from pipelines.specs import environment
+    from pipelines.tracking.tracking import check_writable, store_problem
+
+    with reported(ValueError):
+        environment.check()
+    try:
+        check_writable()
+    except OSError as exc:
+        raise fail(store_problem(exc) or str(exc), code=1) from None
+
+
+def close_dead_runs() -> None:
+    """Runs whose driver died, closed FAILED on the way into a command (never failing it)."""
+    from pipelines.execution.reap import reap_quietly
+
+    reap_quietly(lambda line: err.print(line, markup=False, highlight=False))
+
+
+def store_failed(exc: Exception) -> typer.Exit:
+    """A full or read-only store, said in one line (exit 1); any other error goes on as it was."""
+    from pipelines.tracking.tracking import store_problem
+
+    problem = store_problem(exc)
+    if problem is None:
+        raise exc
+    return fail(problem, code=1)
 
 
 @contextlib.contextmanager
 def reported(
-    *bad_input: type[Exception], tracking: bool = False, interrupts: bool = False, squash: bool = False
+    *bad_input: type[Exception],
+    tracking: bool = False,
+    interrupts: bool = False,
+    squash: bool = False,
+    failures: tuple[type[Exception], ...] = (),
+    store: bool = False,
 ) -> Iterator[None]:
     """Turn what a verb's work raises into its exit: `bad_input` exceptions exit 2 with their message
-    (on one line with `squash`), TrackingUnavailable exits 1 (`tracking`), Ctrl-C/SIGTERM exit 130/143
-    (`interrupts`). Anything else goes on up."""
+    (on one line with `squash`), TrackingUnavailable (`tracking`) and `failures` exit 1, Ctrl-C/SIGTERM/
+    SIGHUP exit 130/143/129 (`interrupts`), a full or read-only store exits 1 in one line (`store`).
+    Anything else goes on up."""
     try:
         yield
     except KeyboardInterrupt as exc:
@@ -95,6 +146,12 @@ def reported(
         raise fail(str(exc), code=1) from None
     except bad_input as exc:
         raise fail(" ".join(str(exc).split()) if squash else str(exc)) from None
+    except failures as exc:
+        raise fail(str(exc), code=1) from None
+    except Exception as exc:
+        if not store:
+            raise
+        raise store_failed(exc) from None
 
 
 def load_training_spec(spec: Path, overrides: list[str] | None):
@@ -120,6 +177,36 @@ def load_pipeline_spec(spec: Path):
         return load_pipeline(spec)
 
 
+LauncherOpt = Annotated[
+    str | None, typer.Option(help="local (default) or slurm: where the work runs (default: the spec's launcher:).")
+]
+PartitionOpt = Annotated[str | None, typer.Option(help="SLURM partition (default: the spec's, else the cluster's).")]
+TimeOpt = Annotated[
+    str | None, typer.Option("--time", help="SLURM time limit per job: minutes, H:MIN:SEC or D-H:MIN.")
+]
+MemOpt = Annotated[str | None, typer.Option(help="SLURM memory per node, e.g. 8G.")]
+
+
+def slurm_options(spec, launcher, partition, time_limit, cpus, gpus, mem, nodes: int = 1, tasks: int = 1):
+    """The SLURM options of a launch (spec's `launcher:`, then flags), checked against the cluster;
+    None for a local launch. Bad input exits 2 here, before any study or run exists."""
+    from pipelines.launchers import slurm
+
+    chosen = launcher or getattr(getattr(spec, "launcher", None), "name", None) or "local"
+    if chosen not in ("local", "slurm"):
+        raise fail(f"--launcher: got {chosen!r}; expected local or slurm")
+    given = {"--partition": partition, "--time": time_limit, "--mem": mem, "--cpus/--gpus": cpus or gpus}
+    if chosen == "local":
+        if any(v is not None for v in given.values()):
+            raise fail(f"{next(k for k, v in given.items() if v is not None)}: only with --launcher slurm")
+        return None
+    base = slurm.SlurmOptions(**(spec.launcher.slurm_options() if getattr(spec, "launcher", None) else {}))
+    options = base.merged(partition=partition, time=time_limit, cpus_per_task=cpus, gpus_per_task=gpus, mem=mem)
+    with reported(SpecError):
+        slurm.check(options, nodes=nodes, tasks_per_node=tasks)
+    return options
+
+
 def cell(value: object) -> str:
     """A table cell: floats to 4 significant digits; `[image/png]` is text here, not rich markup."""
     return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
@@ -133,7 +220,7 @@ def serve(command: list[str], env: dict[str, str]) -> None:
     try:
         code = server.wait()
     except KeyboardInterrupt as exc:
-        code = 143 if isinstance(exc, Terminated) else 130
+        code = exit_code(exc)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)

@@ -11,6 +11,7 @@ from rich.table import Table
 from pipelines.cli.common import (
     app,
     cell,
+    close_dead_runs,
     err,
     fail,
     out,
@@ -39,6 +40,7 @@ def compare(
         raise fail(f"--format: got {format_!r}; expected one of table, csv, markdown, html")
     if format_ == "table" and output is not None:
         raise fail("--output needs --format csv, markdown or html")
+    close_dead_runs()
     with reported(ValueError):
         frame = compare_runs(experiment, study, pipeline_run, metric, top)
     if format_ != "table":
@@ -114,3 +116,36 @@ def diff(
         for _, row in frame[columns].iterrows():
             table.add_row(*("" if v is None or v != v else cell(v) for v in row))
         out.print(table)
+
+
+@app.command()
+def reap(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list them; close nothing.")] = False,
+) -> None:
+    """Close runs whose driver died (kill -9, a lost machine) as FAILED "driver died", with their partial notebook.
+
+    On this machine a driver is dead when none of its processes lives (a reused pid does not
+    count); elsewhere when its heartbeat is 10 intervals old. run, tune, worker, compare and ui
+    do this on the way in.
+    """
+    from pipelines.execution.reap import reap as reap_runs
+    from pipelines.tracking.driver import heartbeat_seconds
+    from pipelines.tracking.tracking import store_problem, tracking_uri
+
+    try:
+        heartbeat_seconds()
+        found = reap_runs(dry_run=dry_run)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except Exception as exc:
+        raise fail(store_problem(exc) or f"{tracking_uri()}: {type(exc).__name__}", code=1) from None
+    if not found:
+        out.print("no run with a dead driver")
+        return
+    for item in found:  # one line a run, whole (a table would fold the run ids of a narrow terminal)
+        verb = "would close" if dry_run else ("closed" if item.closed else "could not close")
+        notebook = f"; partial notebook {item.notebook}" if item.notebook else ""
+        line = f"{verb} run {item.run_id} ({item.experiment}/{item.run_name}) FAILED: {item.reason}{notebook}"
+        out.print(line, markup=False, highlight=False)
+    if not dry_run and not all(item.closed for item in found):
+        raise typer.Exit(1)

@@ -9,9 +9,15 @@ import typer
 from rich.table import Table
 
 from pipelines.cli.common import (
+    LauncherOpt,
+    MemOpt,
+    PartitionOpt,
     SetOpt,
     SpecArg,
+    TimeOpt,
     app,
+    before_writing,
+    close_dead_runs,
     err,
     fail,
     is_pipeline,
@@ -19,8 +25,10 @@ from pipelines.cli.common import (
     load_training_spec,
     out,
     reported,
+    slurm_options,
     stop_on_sigterm,
 )
+from pipelines.errors import reason
 from pipelines.specs.spec_io import SpecError
 
 
@@ -68,6 +76,14 @@ def run(
     ] = None,
     trigger: Annotated[str, typer.Option(hidden=True, help="manual or scheduled (set by the scheduler).")] = "manual",
     schedule_id: Annotated[str | None, typer.Option(hidden=True, help="The schedule that fired this run.")] = None,
+    launcher: LauncherOpt = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="SLURM: nodes of the training job.")] = None,
+    devices: Annotated[int | None, typer.Option(min=1, help="SLURM: DDP ranks (srun tasks) per node.")] = None,
+    partition: PartitionOpt = None,
+    time_limit: TimeOpt = None,
+    cpus_per_task: Annotated[int | None, typer.Option(min=1, help="SLURM: CPUs of each rank.")] = None,
+    gpus_per_task: Annotated[int | None, typer.Option(min=0, help="SLURM: GPUs of each rank.")] = None,
+    mem: MemOpt = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
     from pipelines.tracking.tracking import check_server, tracking_uri
@@ -82,10 +98,20 @@ def run(
     from pipelines.execution.run import run_training
 
     loaded = load_training_spec(spec, set_)
+    slurm = slurm_options(
+        loaded, launcher, partition, time_limit, cpus_per_task, gpus_per_task, mem, nodes or 1, devices or 1
+    )
+    if slurm is None and (nodes or devices):
+        raise fail("--nodes/--devices: only with --launcher slurm (locally: --set devices=N)")
+    before_writing()
     stop_on_sigterm()
+    if slurm is not None:
+        _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name)
+        return
     out.print(f"running {spec} → {tracking_uri()}")
-    with reported(tracking=True, interrupts=True):
+    with reported(tracking=True, interrupts=True, store=True):
         check_server()
+        close_dead_runs()
         result = run_training(loaded, spec_path=spec, run_name=run_name)
     out.print(f"run id: {result.run_id}  status: {result.status}")
     out.print(f"executed notebook: {result.notebook}")
@@ -98,6 +124,20 @@ def run(
         raise fail(f"notebook failed: {result.error}", code=1)
 
 
+def _run_on_slurm(loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None) -> None:
+    from pipelines.launchers.slurm import LaunchFailed, submit_training
+    from pipelines.tracking.tracking import check_server, tracking_uri
+
+    out.print(f"running {spec} on SLURM → {tracking_uri()}")
+    with reported(tracking=True, failures=(LaunchFailed,), interrupts=True):
+        check_server()
+        job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out)
+    requeues = f", requeued {job.restarts}x" if job.restarts else ""
+    out.print(f"run id: {job.run_id}  SLURM job {job.job_id}: {job.state}{requeues}")
+    if job.state != "COMPLETED":
+        raise fail(f"SLURM job {job.job_id} ended {job.state}; its log: {job.folder}/slurm-{job.job_id}.log", code=1)
+
+
 def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, trigger: str, schedule_id: str | None):
     from pipelines.pipeline.pipeline import run_pipeline
     from pipelines.tracking.tracking import tracking_uri
@@ -108,12 +148,14 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
     if from_step:
         with reported(SpecError):
             pipeline.step(from_step)
+    before_writing()
     stop_on_sigterm()
     out.print(f"running pipeline {spec} → {tracking_uri()}")
     with reported(SpecError, interrupts=True):
+        close_dead_runs()
         result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)
     out.print(f"pipeline run {result.run_id}: {result.status}")
     if result.error:
-        err.print(f"error: {result.error}", markup=False, highlight=False)
+        err.print(f"error: {reason(result.error)}", markup=False, highlight=False)
         err.print(f"fix it, then continue with: labbook run {spec} --from {result.failed_step}", markup=False)
         raise typer.Exit(1)

@@ -6,11 +6,13 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pipelines.cli.common import (
     SpecArg,
     app,
+    err,
     fail,
     is_pipeline,
     load_pipeline_spec,
@@ -40,21 +42,29 @@ def schedule_add(
     spec: SpecArg,
     cron: Annotated[str | None, typer.Option(help='Crontab expression, e.g. "0 3 * * *" (03:00 every day).')] = None,
     every: Annotated[float | None, typer.Option(min=1, help="Or: every this many seconds.")] = None,
-    id_: Annotated[str | None, typer.Option("--id", help="Schedule id (default: the spec file's name).")] = None,
+    id_: Annotated[
+        str | None, typer.Option("--id", help="Schedule id: 1-64 of A-Z a-z 0-9 . _ - (default: the spec's name).")
+    ] = None,
     grace: Annotated[
         int, typer.Option(min=1, help="Seconds a missed fire time may be late and still run (missed ones coalesce).")
     ] = 3600,
+    timezone: Annotated[
+        str | None, typer.Option(help="IANA time zone the cron expression reads (default: this machine's).")
+    ] = None,
     store: StoreOpt = None,
 ) -> None:
-    """Schedule a pipeline spec; `labbook scheduler` fires it."""
+    """Schedule a pipeline spec; `labbook scheduler` fires it (cron expressions mean what crontab(5) says)."""
     from pipelines.schedule import schedule
 
     with reported(SpecError):
-        if cron is not None:
-            cron = schedule.check_cron(cron)  # before the spec: the flag is the likelier typo
+        if cron is not None:  # before the spec: the flags are the likelier typos
+            cron = schedule.check_cron(cron)
+            timezone = schedule.check_timezone(timezone)
+        if id_ is not None:
+            schedule.check_id(id_)
         load_pipeline_spec(spec) if is_pipeline(spec) else load_training_spec(spec, None)
-        added = schedule.add(spec, cron, every, id_, grace, store)
-    out.print(f"schedule {added.id}: {added.spec}, {added.trigger}; next fire {when(added.next_fire)}")
+        added = schedule.add(spec, cron, every, id_, grace, store, timezone)
+    out.print(f"schedule {added.id}: {added.spec}, {added.trigger}; next fire {schedule.when(added)}")
 
 
 @schedule_app.command("list")
@@ -62,15 +72,18 @@ def schedule_list(store: StoreOpt = None) -> None:
     """Schedules with their next fire time and their last run's state."""
     from pipelines.schedule import schedule
 
-    found = schedule.list_schedules(store)
+    found, skipped = schedule.read_schedules(store)
+    for line in skipped:
+        err.print(f"warning: {line}", markup=False, highlight=False)
     if not found:
         out.print("no schedules")
         return
     last = schedule.last_runs([s.id for s in found])
     table = Table("id", "pipeline", "schedule", "next fire", "last run", "state", "run id", title="schedules")
     for s in found:
-        when, state, run_id = last.get(s.id, (None, "", ""))
-        table.add_row(s.id, s.spec, s.trigger, when(s.next_fire), when(when) if when else "never", state, run_id)
+        ran, state, run_id = last.get(s.id, (None, "", ""))
+        row = (s.id, s.spec, s.trigger, schedule.when(s), when(ran) if ran else "never", state, run_id)
+        table.add_row(*(escape(cell) for cell in row))  # a path's [brackets] are not markup
     out.print(table)
 
 
@@ -90,12 +103,14 @@ def schedule_export(
     store: StoreOpt = None,
 ) -> None:
     """Print the schedules as crontab lines or systemd units that call `labbook run`."""
-    from pipelines.schedule import schedule
+    from pipelines.schedule import schedule, schedule_export
 
     if format_ not in ("crontab", "systemd"):
         raise fail(f"--format: got {format_!r}; expected crontab or systemd")
-    found = schedule.list_schedules(store)
-    text = schedule.crontab(found) if format_ == "crontab" else schedule.systemd(found)
+    found, skipped = schedule.read_schedules(store)
+    for line in skipped:
+        err.print(f"warning: {line}", markup=False, highlight=False)
+    text = schedule_export.crontab(found) if format_ == "crontab" else schedule_export.systemd(found)
     print(text, end="")
 
 

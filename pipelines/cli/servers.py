@@ -12,6 +12,8 @@ import typer
 from pipelines.cli.common import (
     COMMANDS,
     app,
+    close_dead_runs,
+    fail,
     out,
     reported,
     serve,
@@ -22,6 +24,13 @@ from pipelines.cli.common import (
 def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    auth: Annotated[
+        bool,
+        typer.Option(
+            help="MLflow's basic auth (as labbook server --auth): on a shared machine any local user reaches "
+            "127.0.0.1; admin login from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
+        ),
+    ] = False,
 ) -> None:
     """Start the MLflow UI on the store labbook's runs use."""
     from pipelines.tracking.tracking import tracking_uri
@@ -30,14 +39,22 @@ def ui(
     if uri.startswith(("http://", "https://")):
         out.print(f"runs are tracked by the MLflow server at {uri}: open it in a browser")
         return
-    out.print(f"MLflow UI for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     # One person's local UI: one server process (its requests run in a thread pool), not MLflow's
     # default 4, each importing MLflow (~2 s of CPU) and holding ~200 MB. `labbook server` scales.
     command += ["--workers", "1"]
     # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
-    serve(command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ})
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    if auth:
+        from pipelines.tracking.server import basic_auth
+
+        with reported(ValueError):
+            command += basic_auth(env)
+    close_dead_runs()
+    login = " (basic auth)" if auth else ""
+    out.print(f"MLflow UI{login} for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    serve(command, env)
 
 
 @app.command()
@@ -86,7 +103,12 @@ def kernel_server(
     its kernels too. Each kernel is still a fresh process running one notebook; the server stops
     itself when code it imported is edited.
     """
+    from pipelines.kernels.socket_claim import SocketPathTaken, check_free
+
     path = socket_path.resolve()
+    # A user's file, or a live server's socket, is never replaced (the server checks again as it binds).
+    with reported(SocketPathTaken):
+        check_free(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     out.print(f"kernel server on {path}  (Ctrl-C to stop)")
     out.print(f"use it: export LABBOOK_KERNEL_SERVER={path}")

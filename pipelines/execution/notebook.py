@@ -17,6 +17,8 @@ import papermill
 from mlflow import MlflowClient
 from nbconvert import HTMLExporter
 
+from pipelines.errors import reason
+
 if TYPE_CHECKING:
     from pipelines.kernels.kernel_pool import KernelPool
 
@@ -59,14 +61,8 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, papermill.PapermillExecutionError):
-        evalue = " ".join(str(exc.evalue).split())
-        return f"{exc.ename}: {evalue} (cell {exc.exec_count})"
-    name = type(exc).__name__
-    text = " ".join(str(exc).split())
-    if name == "DeadKernelError":
-        return f"kernel died: {text}"
-    return f"{name}: {text}" if text else name
+    """`ZeroDivisionError: division by zero (cell 7)`, `kernel died: …`: bounded, never a file's contents."""
+    return reason(exc)
 
 
 def render_html(ipynb: Path) -> Path:

@@ -4,19 +4,34 @@ The record is the executed notebook attached to the run: papermill keeps the par
 injected in the notebook's metadata, so the rerun gets exactly those values, the same
 notebook and the same seed. Provenance that may have moved (git commit, dirty tree, package
 versions, data fingerprint) is compared and reported, then every final metric, old vs new.
+
+What runs is never just what a tag names (anyone who can write the store can edit a tag): the
+source notebook only when its content is the one the run recorded (`labbook.notebook_sha256`),
+else the run's own executed copy, and a source notebook that differs is refused (`notebook_to_run`).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import nbformat
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME
 
 from pipelines.execution.run import RunResult, run_notebook
-from pipelines.specs.spec import TRACKING_PARAMETERS
+from pipelines.specs.spec import PROJECT_ROOT, TRACKING_PARAMETERS
 from pipelines.tracking import tracking
-from pipelines.tracking.records import PROVENANCE, executed_notebook, recorded_parameters  # noqa: F401
+from pipelines.tracking.records import (  # noqa: F401
+    PROVENANCE,
+    executed_notebook,
+    notebook_record,
+    recorded_parameters,
+    run_parameters,
+)
 from pipelines.tracking.tags import Tag
 
 
@@ -29,20 +44,56 @@ class Rerun:
     verdict: str = "exact"  # exact | within tolerance | differs | failed
 
 
+def notebook_to_run(
+    run_id: str, tags: dict[str, str], copy: nbformat.NotebookNode, folder: Path
+) -> tuple[Path, dict[str, str]]:
+    """The notebook `rerun` executes for run `run_id`, written into `folder`, and the tags naming it on the new run.
+
+    The source notebook named by the run's `labbook.notebook` tag, when its bytes hash to the
+    run's recorded `labbook.notebook_sha256` (read once: what was checked is what runs); the
+    run's own executed copy `copy` when that source is gone or the run recorded no hash (older
+    runs). Raises ValueError (one line, nothing run) when the source exists and differs: it was
+    edited since the run, or the tag was changed to name another notebook.
+    """
+    named = tags[Tag.NOTEBOOK]
+    recorded = tags.get(Tag.NOTEBOOK_SHA256, "")
+    source = Path(named) if Path(named).is_absolute() else PROJECT_ROOT / named
+    try:
+        data = source.read_bytes() if recorded and source.is_file() else None
+    except OSError:
+        data = None
+    target = folder / (Path(named).name if Path(named).suffix == ".ipynb" else "notebook.ipynb")
+    same = {Tag.NOTEBOOK: named, MLFLOW_SOURCE_NAME: named}
+    if data is not None and re.fullmatch(r"[0-9a-f]{64}", recorded):
+        if tracking.notebook_sha256(data) != recorded:
+            commit = tags.get(Tag.GIT_COMMIT, "unknown")
+            raise ValueError(
+                f"run {run_id}: {named[:200]} is not the notebook the run executed (its sha256 differs from "
+                f"the one recorded then: edited since, or the run's {Tag.NOTEBOOK} tag was changed); "
+                f"nothing was run. Restore it as of git commit {commit[:12]} to rerun"
+            )
+        target.write_bytes(data)
+        return target, {**same, Tag.NOTEBOOK_SHA256: recorded}
+    nbformat.write(copy, target)  # the record itself: exactly the cells that ran
+    return target, {**same, Tag.NOTEBOOK_SHA256: "unknown"}  # this copy is not the source
+
+
 def rerun(run_id: str, tolerance: float = 0.0) -> Rerun:
     """Execute `run_id` again into a new run tagged `labbook.rerun_of`, and compare the two."""
     client = tracking.client()
     old = client.get_run(run_id)
-    notebook, params = recorded_parameters(run_id)
-    params = {k: v for k, v in params.items() if k not in TRACKING_PARAMETERS}
+    _, copy = notebook_record(client, run_id)
+    params = {k: v for k, v in run_parameters(run_id, copy).items() if k not in TRACKING_PARAMETERS}
     experiment = client.get_experiment(old.info.experiment_id).name
-    result = run_notebook(
-        notebook,
-        params,
-        experiment,
-        run_name=f"rerun-of-{old.info.run_name or run_id[:8]}",
-        tags={Tag.RERUN_OF: run_id},
-    )
+    with tempfile.TemporaryDirectory(prefix="labbook-rerun-") as folder:
+        notebook, named = notebook_to_run(run_id, old.data.tags, copy, Path(folder))
+        result = run_notebook(
+            notebook,
+            params,
+            experiment,
+            run_name=f"rerun-of-{old.info.run_name or run_id[:8]}",
+            tags={**named, Tag.RERUN_OF: run_id},
+        )
     new = client.get_run(result.run_id)
     changed = {
         name: (old.data.tags.get(tag, ""), new.data.tags.get(tag, ""))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,21 +52,30 @@ def run_training(
     resumable = None
     if spec.trainer.ckpt_path == "last":
         key = resume_key or resume.run_key(spec.experiment_name, spec.name, settings)
-        resumable = resume.checkpoint_dir(tracking.tracking_uri(), key)
-        params["checkpoint_dir"] = str(resumable)
-    result = run_notebook(
-        spec.notebook_path(spec_path.parent if spec_path else None),
-        params,
-        spec.experiment_name,
-        run_name=run_name or spec.name,
-        parent_run_id=parent_run_id,
-        tags=tags,
-        progress_bar=progress_bar,
-        on_run=on_run,
-        kernels=kernels,
-    )
-    if resumable is not None and (result.error is None or result.pruned):
-        resume.finished(resumable)
+        resumable = resume.claim(tracking.tracking_uri(), key)  # held until this training ends
+        if resumable.extra:
+            print(
+                f"checkpoints: another live training of {key} holds its folder; this one uses {resumable.path}",
+                file=sys.stderr,
+            )
+        params["checkpoint_dir"] = str(resumable.path)
+    ended = False
+    try:
+        result = run_notebook(
+            spec.notebook_path(spec_path.parent if spec_path else None),
+            params,
+            spec.experiment_name,
+            run_name=run_name or spec.name,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            progress_bar=progress_bar,
+            on_run=on_run,
+            kernels=kernels,
+        )
+        ended = result.error is None or result.pruned
+    finally:
+        if resumable is not None:  # ended (completed or pruned): removed; else kept for the next attempt
+            resumable.release(finished=ended)
     return result
 
 
@@ -88,7 +98,8 @@ def run_notebook(
     """
     uri = tracking.tracking_uri()
     mlflow = tracking.client(uri)
-    all_tags = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **(tags or {})}
+    provenance = {**tracking.provenance_tags(params.get("seed"), _display(nb_path)), **_content(nb_path)}
+    all_tags = {**provenance, **(tags or {})}
     run_id = tracking.start_run(mlflow, experiment, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags)
     if on_run is not None:
         on_run(run_id)
@@ -142,3 +153,12 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(tracking.PROJECT_ROOT))
     except ValueError:
         return str(path)
+
+
+def _content(path: Path) -> dict[str, str]:
+    """The notebook's content hash as a tag (what `labbook rerun` checks); none if it cannot be read
+    (the run then fails on it, saying why)."""
+    try:
+        return {tracking.NOTEBOOK_SHA256_TAG: tracking.notebook_sha256(path.read_bytes())}
+    except OSError:
+        return {}

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipelines.specs.spec import Spec
 
 
-def notebook_script(spec: Spec, spec_path: Path | None, output: Path, output_dir: str | None = None) -> Path:
+def notebook_script(
+    spec: Spec,
+    spec_path: Path | None,
+    output: Path,
+    output_dir: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the spec's notebook, parameters injected, as a Python script at `output`.
 
     `output_dir` is where rank 0 writes checkpoints; every rank scores the test split from the
-    best one, so across nodes it must be a folder all of them read.
+    best one, so across nodes it must be a folder all of them read. `extra`: more notebook
+    parameters (e.g. the `run_id` and `tracking_uri` of a run made before the job starts).
     """
     import papermill
     from nbconvert import PythonExporter
@@ -32,6 +39,7 @@ def notebook_script(spec: Spec, spec_path: Path | None, output: Path, output_dir
     parameters = {**spec.parameters(), "experiment_name": spec.experiment_name, "run_name": spec.name}
     if output_dir:
         parameters["output_dir"] = output_dir
+    parameters |= extra or {}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / notebook.name
         papermill.execute_notebook(

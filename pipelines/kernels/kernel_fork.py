@@ -37,7 +37,8 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
-from pipelines.kernels.env import interpreter
+from pipelines import socket_claim
+from pipelines.kernels.env import interpreter, trusted_connection
 
 LAUNCHER = "ipykernel_launcher"
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -93,18 +94,16 @@ def serve(
     sources = _own_sources() if listen else {}  # only a long-lived server checks for edits
     events = selectors.DefaultSelector()
     server = None
+    claimed: socket_claim.Claim | None = None
     if not listen:
         events.register(sys.stdin, selectors.EVENT_READ, "stdin")
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # and remove the socket on the way out
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(listen)
-        old_mask = os.umask(0o177)  # the socket is this user's alone: a request runs code as them
-        try:
-            server.bind(listen)
-        finally:
-            os.umask(old_mask)
+        try:  # never a user's file or a live server's socket; this user's alone: a request runs code as them
+            server, claimed = socket_claim.claim(listen, mode=0o600)
+        except socket_claim.SocketPathTaken as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         server.listen(16)
         events.register(server, selectors.EVENT_READ, "socket")
     replies.write("ready\n")
@@ -127,7 +126,8 @@ def serve(
         if server is not None:
             server.close()
             with contextlib.suppress(OSError):
-                os.unlink(listen or "")
+                if claimed is not None:
+                    socket_claim.release(claimed)  # only while the path is still our socket
 
 
 def _own_sources() -> dict[str, int]:
@@ -551,10 +551,11 @@ class RemoteZygote:
     def fork(self, args: list[str], cwd: str, env: dict[str, str]) -> int | None:
         """A kernel forked by the server; None when it is gone, refuses or is stale (start one cold)."""
         request = {"args": args, "cwd": cwd, "env": env, "python": interpreter()}
+        connection = trusted_connection(self.path)  # the environment goes to this user's own server only
+        if connection is None:
+            return None
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-                connection.settimeout(30)
-                connection.connect(self.path)
+            with connection:
                 connection.sendall((json.dumps(request) + "\n").encode())
                 with connection.makefile("r") as stream:
                     reply = stream.readline().strip()

@@ -36,11 +36,9 @@ ENV_SIZE = "LABBOOK_WARM_KERNELS"
 
 def default_size() -> int:
     """`LABBOOK_WARM_KERNELS` (0 turns the pool off), else 1: one kernel warming while one trains."""
-    raw = os.environ.get(ENV_SIZE, "").strip()
-    try:
-        return max(0, int(raw)) if raw else 1
-    except ValueError:
-        raise ValueError(f"{ENV_SIZE}={raw!r}: expected a whole number ≥ 0") from None
+    from pipelines import environment
+
+    return environment.warm_kernels()
 
 
 def kernel_server() -> RemoteZygote | None:

@@ -47,6 +47,33 @@ class _OtherRankLogger(DummyLogger):
     run_id = None
 
 
+class OneWriterLogger(MLFlowLogger):
+    """Lightning's MLflow logger whose hyperparameters go through `tracking.log_params`, the one
+    writer of a run's params. Lightning's own cut each value at 250 characters, so a param labbook
+    had logged whole (`hidden_sizes` of 90 layers) came again with another value and MLflow failed
+    the run ("Changing param values is not allowed")."""
+
+    def log_hyperparams(self, params: Any) -> None:
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+        if is_rank_zero():
+            tracking.log_params(self.experiment, self.run_id, _flatten_dict(_convert_params(params)))
+
+
+class DriverOwnedLogger(OneWriterLogger):
+    """Lightning's MLflow logger on a run that the process driving the notebook owns.
+
+    Lightning's `finalize` marks the run FINISHED (or FAILED) when fit or test ends, while the
+    notebook still runs: killed then, the record said FINISHED with no notebook attached. Here
+    it only logs what it would log; the driver (`labbook run`, a study) closes the run after it
+    attached the executed notebook.
+    """
+
+    def finalize(self, status: str = "success") -> None:
+        if self._initialized and self._checkpoint_callback:
+            self._scan_and_log_checkpoints(self._checkpoint_callback)
+
+
 def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     """Lightning's MLflow logger on the run `params["run_id"]`, or on a new run if there is none.
 
@@ -60,6 +87,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     client = tracking.client(uri)
     tags = {Tag.PYTHON_EXECUTABLE: sys.executable}
     run_id = params.get("run_id")
+    owned = bool(run_id)  # given by a driver, which closes it; else this kernel drives its own run
     if not run_id:  # run by plain papermill: nobody recorded provenance yet
         tags |= tracking.provenance_tags(params.get("seed"), NOTEBOOK)
         run_id = tracking.start_run(
@@ -69,7 +97,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
             parent_run_id=params.get("parent_run_id") or None,
         )
     tracking.log_params(client, run_id, hyperparameters(params), tags=tags)
-    return MLFlowLogger(tracking_uri=uri, run_id=run_id)
+    return (DriverOwnedLogger if owned else OneWriterLogger)(tracking_uri=uri, run_id=run_id)
 
 
 def lesson_run(
@@ -303,13 +331,14 @@ def log_model(
             logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
     mlflow.set_tracking_uri(logger._tracking_uri)
     module = module.cpu().eval()
-    with mlflow.start_run(run_id=logger.run_id):
-        # The requirements, stated: MLflow would otherwise infer them by loading the model again
-        # in a subprocess (about 9 s of every 10 s of logging); a pt2 model needs torch alone.
-        torch_version = torch.__version__.split("+")[0]
-        info = mlflow.pytorch.log_model(
-            module, name="model", input_example=example, pip_requirements=[f"torch=={torch_version}"]
-        )
+    # The requirements, stated: MLflow would otherwise infer them by loading the model again
+    # in a subprocess (about 9 s of every 10 s of logging); a pt2 model needs torch alone.
+    torch_version = torch.__version__.split("+")[0]
+    # By run id, not inside `mlflow.start_run(run_id=...)`: leaving that block ends the run
+    # (FINISHED) while the notebook still runs; only the run's driver may close it.
+    info = mlflow.pytorch.log_model(
+        module, name="model", input_example=example, pip_requirements=[f"torch=={torch_version}"], run_id=logger.run_id
+    )
     # MLflow 3 keeps the model apart from run artifacts; its own URI is what the registry takes.
     set_tag(logger, "model_uri", info.model_uri)
     return f"runs:/{logger.run_id}/model"

@@ -293,7 +293,7 @@ def run_pipeline(
                 f"--from {from_step}: pipeline run {parent} has no recorded outputs of step {missing[0]!r}; "
                 f"start from {missing[0]!r}"
             )
-        mlflow.update_run(parent, status="RUNNING")
+        tracking.reopen_run(mlflow, parent)  # this process drives it now (its heartbeat, its pid)
         mlflow.set_tag(parent, Tag.RESUMED_FROM_STEP, from_step)
         if Tag.ERROR in mlflow.get_run(parent).data.tags:
             mlflow.delete_tag(parent, Tag.ERROR)

@@ -74,7 +74,7 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
             "run_name": runs.get("tags.mlflow.runName"),
             "state": runs["status"],
             "trial_state": runs.get(f"tags.{Tag.TRIAL_STATE}"),
-            "duration_s": (runs["end_time"] - runs["start_time"]).dt.total_seconds().round(1),
+            "duration_s": _duration(runs),
         }
     )
     params = {c.removeprefix("params."): _numeric(runs[c]) for c in runs.columns if c.startswith("params.")}
@@ -83,6 +83,15 @@ def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
     frame.attrs["params"] = [c for c in params if c in frame]
     frame.attrs["metrics"] = [c for c in metrics if c in frame]
     return frame
+
+
+def _duration(runs: pd.DataFrame) -> pd.Series:
+    """Seconds from start to end; empty (NaN) for a run not ended. When no run has ended, MLflow's
+    `end_time` column holds no timestamps at all (tz-naive), and subtracting the tz-aware
+    `start_time` from it raised TypeError: both are read as UTC here."""
+    end = pd.to_datetime(runs["end_time"], utc=True)
+    start = pd.to_datetime(runs["start_time"], utc=True)
+    return (end - start).dt.total_seconds().round(1)
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -11,7 +11,13 @@ while no scheduler runs. `labbook scheduler` is the foreground service that fire
 - fire times missed while the scheduler was down are coalesced into one run, if the latest
   is within the schedule's grace time (`coalesce`, `misfire_grace_time`);
 - SIGTERM / Ctrl-C stop firing, forward SIGTERM to running pipelines (which close their
-  MLflow runs as interrupted, to be continued with `--from`) and exit 0.
+  MLflow runs as interrupted, to be continued with `--from`) and exit 0;
+- several schedulers may share one job store (two machines on PostgreSQL, say): each fire time
+  is claimed once, by a row with a unique key in the store's database, and the schedulers that
+  lose the claim log that they skipped it.
+
+Cron expressions mean what Vixie cron makes them mean, in the schedule's time zone
+(pipelines/cron.py); pipelines/schedule_export.py writes them for cron and systemd.
 """
 
 from __future__ import annotations
@@ -20,65 +26,112 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
+from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from croniter import croniter
 
+from pipelines import cron as cronlib
 from pipelines.specs.spec_io import SpecError
 from pipelines.tracking import tracking
 from pipelines.tracking.tags import Tag
 
 STORE_ENV = "LABBOOK_SCHEDULER_DB"
 TABLE = "labbook_schedules"
+CLAIMS_TABLE = "labbook_schedule_fires"
+CLAIMS_KEPT = timedelta(days=30)
 DEFAULT_GRACE_SECONDS = 3600
+# Ids name log files, crontab lines and systemd units: a safe alphabet, so nothing needs escaping
+# to mean one thing (`../x`, quotes, `;` and spaces are refused at `add`).
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 log = logging.getLogger("labbook.scheduler")
 
 
 def store_url(explicit: str | None = None) -> str:
-    """`--store`, else `LABBOOK_SCHEDULER_DB`, else SQLite under `./mlruns/`."""
-    return explicit or os.environ.get(STORE_ENV) or f"sqlite:///{tracking.default_store() / 'scheduler.db'}"
+    """`--store`, else `LABBOOK_SCHEDULER_DB`, else SQLite under `./mlruns/`.
+
+    A plain `postgresql://` URL uses psycopg (3) when psycopg2, SQLAlchemy's default, is absent.
+    """
+    url = explicit or os.environ.get(STORE_ENV) or f"sqlite:///{tracking.default_store() / 'scheduler.db'}"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def check_id(schedule_id: str) -> str:
+    """`schedule_id`, or SpecError: 1-64 of A-Z a-z 0-9 . _ -, not starting with . or -."""
+    if not ID_PATTERN.fullmatch(schedule_id):
+        shown = ascii(schedule_id[:60]) + ("..." if len(schedule_id) > 60 else "")
+        raise SpecError(
+            f"--id: {shown} is not a schedule id; expected 1-64 of A-Z a-z 0-9 . _ - not starting with . or -"
+        )
+    return schedule_id
+
+
+def check_timezone(name: str | None) -> str:
+    """An IANA time zone name (default: this machine's), or SpecError naming --timezone."""
+    name = cronlib.local_zone_name() if name is None else name
+    cronlib.zone(name)
+    return name
+
+
+def _check_path(what: str, path: str) -> str:
+    if any(ord(char) < 32 or ord(char) == 127 for char in path):
+        raise SpecError(f"{what}: the path holds a control character (a line break?); cron and systemd cannot run it")
+    return path
 
 
 class CronTrigger(BaseTrigger):
-    """A crontab expression with standard cron meaning, computed by croniter.
+    """A crontab(5) expression in a time zone, with Vixie cron's meaning (pipelines/cron.py).
 
     Written here (not APScheduler's `CronTrigger.from_crontab`) because APScheduler 3 reads a
-    numeric day of week with 0 = Monday, so `0 3 * * 0` would fire on Mondays; croniter follows
-    crontab(5) (0 and 7 = Sunday, day-of-month OR day-of-week), the same rules `export` prints for.
+    numeric day of week with 0 = Monday, ORs nothing and knows no DST rule; croniter walks the
+    calendar, with the day-field flag and the DST rule that Vixie cron applies.
     """
 
-    def __init__(self, expression: str, timezone: tzinfo) -> None:
+    def __init__(self, expression: str, timezone: str) -> None:
         self.expression = check_cron(expression)
-        self.timezone = timezone
+        self.timezone_name = timezone
+        self.timezone = cronlib.zone(timezone)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"version": 2, "expression": self.expression, "timezone_name": self.timezone_name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Version 1 (before time zones were explicit) stored a tzinfo as `timezone`.
+        old = state.get("timezone")
+        self.expression = state["expression"]
+        self.timezone_name = state.get("timezone_name") or getattr(old, "key", None) or "UTC"
+        self.timezone = ZoneInfo(self.timezone_name)
 
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime:
-        base = previous_fire_time or now - timedelta(microseconds=1)
-        return croniter(self.expression, base.astimezone(self.timezone)).get_next(datetime)
+        after = previous_fire_time or now - timedelta(microseconds=1)
+        return cronlib.next_fire(cronlib.parse(self.expression), self.timezone, after)
 
     def __str__(self) -> str:
-        return f"cron {self.expression!r}"
+        return f"cron {self.expression!r} {self.timezone_name}"
 
 
 def check_cron(expression: str) -> str:
-    """The expression, normalized, or a one-line error naming `--cron` and the expected form."""
-    normalized = " ".join(expression.split())
-    if len(normalized.split()) != 5 or not croniter.is_valid(normalized):
-        raise SpecError(
-            f"--cron: {expression!r} is not a valid cron expression; expected 5 fields "
-            "'minute hour day-of-month month day-of-week', e.g. '0 3 * * *'"
-        )
-    return normalized
+    """The expression, whitespace normalized, or a one-line SpecError naming `--cron` and the reason
+    (not crontab(5) syntax, a croniter-only extension, or a date that never comes)."""
+    return cronlib.parse(" ".join(expression.split())).text
 
 
 @dataclass(frozen=True)
@@ -91,6 +144,7 @@ class Schedule:
     grace_seconds: int | None
     cron: str | None = None
     every_seconds: float | None = None
+    timezone: str | None = None  # a cron schedule's IANA time zone
 
 
 def _scheduler(url: str) -> BackgroundScheduler:
@@ -98,6 +152,7 @@ def _scheduler(url: str) -> BackgroundScheduler:
 
     return BackgroundScheduler(
         jobstores={"default": SQLAlchemyJobStore(url=url, tablename=TABLE)},
+        executors={"default": ClaimingExecutor(url)},
         job_defaults={"coalesce": True, "max_instances": 1},
     )
 
@@ -115,12 +170,84 @@ def open_store(url: str | None = None) -> Any:
 
 
 def _describe(job: Any) -> Schedule:
-    spec, schedule_id, cwd = job.args
+    """A stored job as a Schedule; ValueError (the reason) for a row that is not a valid schedule."""
+    try:
+        spec, schedule_id, cwd = job.args
+    except (TypeError, ValueError):
+        raise ValueError("its arguments are not (spec, id, folder)") from None
+    if not ID_PATTERN.fullmatch(str(job.id)) or schedule_id != job.id:
+        raise ValueError("its id is not in the safe alphabet (A-Z a-z 0-9 . _ -)")
+    for path in (spec, cwd):
+        _check_path("path", str(path))
     trigger = job.trigger
-    cron = trigger.expression if isinstance(trigger, CronTrigger) else None
-    every = trigger.interval.total_seconds() if isinstance(trigger, IntervalTrigger) else None
-    shown = str(trigger) if cron else f"every {every:g} s"
-    return Schedule(schedule_id, spec, cwd, shown, job.next_run_time, job.misfire_grace_time, cron, every)
+    if isinstance(trigger, CronTrigger):
+        try:
+            check_cron(trigger.expression)
+        except SpecError:
+            raise ValueError("its cron expression is not crontab(5) syntax any more") from None
+        return Schedule(
+            schedule_id, spec, cwd, str(trigger), job.next_run_time, job.misfire_grace_time,
+            cron=trigger.expression, timezone=trigger.timezone_name,
+        )  # fmt: skip
+    if isinstance(trigger, IntervalTrigger):
+        every = trigger.interval.total_seconds()
+        return Schedule(
+            schedule_id, spec, cwd, f"every {every:g} s", job.next_run_time, job.misfire_grace_time, every_seconds=every
+        )
+    raise ValueError(f"its trigger {type(trigger).__name__} is not one labbook writes")
+
+
+def _rows(store: Any) -> tuple[list[Any], list[str]]:
+    """Every stored job that can be read, and a warning line per row that cannot (left in place:
+    APScheduler's own reader deletes such rows)."""
+    from sqlalchemy import select
+
+    jobs, skipped = [], []
+    table = store.jobs_t
+    with store.engine.begin() as connection:
+        rows = list(connection.execute(select(table.c.id, table.c.job_state).order_by(table.c.next_run_time)))
+    for row in rows:
+        try:
+            jobs.append(store._reconstitute_job(row.job_state))
+        except Exception as exc:  # an old or foreign pickle: say so, keep listing the others
+            skipped.append(f"schedule {ascii(str(row.id)[:60])}: skipped, unreadable ({type(exc).__name__})")
+    return jobs, skipped
+
+
+def read_schedules(store: str | None = None) -> tuple[list[Schedule], list[str]]:
+    """The valid schedules, and one warning line per stored row that is not one (skipped).
+
+    Rows written before ids were checked (`../x`, quotes) are skipped, not shown or exported;
+    `labbook schedule remove ID` removes them.
+    """
+    opened = open_store(store)
+    try:
+        jobs, skipped = _rows(opened)
+    finally:
+        opened.shutdown()
+    found = []
+    for job in jobs:
+        try:
+            found.append(_describe(job))
+        except ValueError as exc:
+            skipped.append(
+                f"schedule {ascii(str(job.id)[:60])}: skipped, {exc}; remove it with `labbook schedule remove`"
+            )
+    return found, skipped
+
+
+def when(s: Schedule) -> str:
+    """A schedule's next fire time as text, on its own time zone's clock (`-` if none)."""
+    if s.next_fire is None:
+        return "-"
+    moment = s.next_fire.astimezone(ZoneInfo(s.timezone)) if s.timezone else s.next_fire.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def default_id(spec: Path) -> str:
+    """A schedule id from a spec's file name, in the safe alphabet."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.stem).lstrip(".-")[:64]
+    return name or "schedule"
 
 
 def add(
@@ -130,15 +257,23 @@ def add(
     schedule_id: str | None = None,
     grace_seconds: int = DEFAULT_GRACE_SECONDS,
     store: str | None = None,
+    timezone: str | None = None,
 ) -> Schedule:
-    """Register a schedule for a (validated) pipeline spec; it fires once a scheduler runs."""
-    from tzlocal import get_localzone
+    """Register a schedule for a (validated) pipeline spec; it fires once a scheduler runs.
 
+    `timezone` (IANA name, default this machine's) is the wall clock a cron expression reads.
+    Raises SpecError (one line, nothing stored) for a bad expression, id, time zone or path.
+    """
     if (cron is None) == (every is None):
         raise SpecError("--cron/--every: give exactly one of them")
-    trigger: BaseTrigger = CronTrigger(cron, get_localzone()) if cron else IntervalTrigger(seconds=every)
+    if every is not None and timezone is not None:
+        raise SpecError("--timezone: only a --cron schedule reads a clock; --every counts seconds")
+    name = check_id(schedule_id) if schedule_id is not None else default_id(spec)
+    zone = check_timezone(timezone) if cron else None
+    trigger: BaseTrigger = CronTrigger(cron, zone) if cron else IntervalTrigger(seconds=every)
     spec_path = spec.resolve()
-    name = schedule_id or re.sub(r"[^A-Za-z0-9_.-]+", "-", spec_path.stem)
+    _check_path("spec", str(spec_path))
+    _check_path("the current folder", str(Path.cwd()))
     store = open_store(store)
     try:
         if store.lookup_job(name) is not None:
@@ -164,11 +299,8 @@ def add(
 
 
 def list_schedules(store: str | None = None) -> list[Schedule]:
-    opened = open_store(store)
-    try:
-        return [_describe(job) for job in opened.get_all_jobs()]
-    finally:
-        opened.shutdown()
+    """The valid schedules (see `read_schedules` for the rows skipped)."""
+    return read_schedules(store)[0]
 
 
 def remove(schedule_id: str, store: str | None = None) -> None:
@@ -176,10 +308,11 @@ def remove(schedule_id: str, store: str | None = None) -> None:
 
     opened = open_store(store)
     try:
-        opened.remove_job(schedule_id)
+        opened.remove_job(schedule_id)  # any stored id, also one written before ids were checked
     except JobLookupError:
-        known = ", ".join(j.id for j in opened.get_all_jobs()) or "none"
-        raise SpecError(f"schedule id {schedule_id!r}: no such schedule; schedules: {known}") from None
+        known = ", ".join(ascii(j.id)[1:-1] for j in _rows(opened)[0])[:300] or "none"
+        shown = ascii(schedule_id[:60])
+        raise SpecError(f"schedule id {shown}: no such schedule; schedules: {known}") from None
     finally:
         opened.shutdown()
 
@@ -211,9 +344,15 @@ _pipeline_locks: dict[str, threading.Lock] = {}
 _stopping = threading.Event()
 
 
-def fire(spec: str, schedule_id: str, cwd: str) -> int:
-    """One scheduled run: `labbook run SPEC` as a child process, its output in a log file."""
+def fire(spec: str, schedule_id: str, cwd: str, fire_time: str | None = None) -> int:
+    """One scheduled run: `labbook run SPEC` as a child process, its output in a log file.
+
+    `fire_time` (ISO, UTC) names the log file, so one fire time has one log.
+    """
     if _stopping.is_set():
+        return -1
+    if not ID_PATTERN.fullmatch(schedule_id):  # a row stored before ids were checked
+        log.warning("schedule %s: skipped, its id is not a safe file name; remove it", ascii(schedule_id[:60]))
         return -1
     lock = _pipeline_locks.setdefault(spec, threading.Lock())
     if not lock.acquire(blocking=False):
@@ -222,7 +361,8 @@ def fire(spec: str, schedule_id: str, cwd: str) -> int:
     try:
         logs = Path(cwd) / "mlruns" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{schedule_id}-{datetime.now():%Y%m%d-%H%M%S}.log"
+        moment = datetime.fromisoformat(fire_time) if fire_time else datetime.now(UTC)
+        log_path = logs / f"{schedule_id}-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.log"
         command = [
             str(Path(sys.executable).with_name("labbook")),
             "run",
@@ -245,6 +385,92 @@ def fire(spec: str, schedule_id: str, cwd: str) -> int:
         return code
     finally:
         lock.release()
+
+
+# --- one fire per fire time, across schedulers -------------------------------------------------
+
+
+def _claims(url: str) -> tuple[Any, Any]:
+    """The store's engine and its claims table (created if missing): (schedule id, fire time) unique."""
+    from sqlalchemy import Column, Float, MetaData, String, Table, create_engine
+
+    engine = create_engine(url)
+    table = Table(
+        CLAIMS_TABLE,
+        MetaData(),
+        Column("schedule_id", String(64), primary_key=True),
+        Column("fire_time", String(40), primary_key=True),  # ISO 8601, UTC
+        Column("claimed_by", String(300), nullable=False),
+        Column("claimed_at", Float, nullable=False),  # Unix time, s
+    )
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        table.create(engine, checkfirst=True)
+    except DBAPIError:  # two schedulers starting at once: the other one created it first
+        if not inspect(engine).has_table(CLAIMS_TABLE):
+            raise
+    return engine, table
+
+
+def claim(engine: Any, table: Any, schedule_id: str, fire_time: datetime, claimant: str) -> str | None:
+    """Claim one fire of a schedule: None if this claimant got it, else who had claimed it.
+
+    One INSERT in its own transaction against a primary key: the database lets exactly one of
+    several schedulers (processes or machines, SQLite or PostgreSQL) succeed.
+    """
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
+
+    key = fire_time.astimezone(UTC).isoformat()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                table.insert().values(
+                    schedule_id=schedule_id, fire_time=key, claimed_by=claimant, claimed_at=time.time()
+                )
+            )
+        return None
+    except IntegrityError:
+        with engine.begin() as connection:
+            holder = connection.execute(
+                select(table.c.claimed_by).where(table.c.schedule_id == schedule_id, table.c.fire_time == key)
+            ).scalar()
+        return holder or "another scheduler"
+
+
+class ClaimingExecutor(ThreadPoolExecutor):
+    """APScheduler's thread pool that first claims each (schedule, fire time) in the job store's
+    database, and skips, with a log line, the fires another scheduler has claimed."""
+
+    def __init__(self, url: str, max_workers: int = 10) -> None:
+        super().__init__(max_workers)
+        self.url = url
+        self.claimant = f"{socket.gethostname()}:{os.getpid()}"[:300]
+        self.engine: Any = None
+        self.table: Any = None
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self.engine, self.table = _claims(self.url)
+        with self.engine.begin() as connection:  # old claims: nobody asks about them again
+            connection.execute(
+                self.table.delete().where(self.table.c.claimed_at < time.time() - CLAIMS_KEPT.total_seconds())
+            )
+
+    def submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        fire_time = run_times[-1]  # coalesced: the latest of the due times is the one run
+        holder = claim(self.engine, self.table, job.id, fire_time, self.claimant)
+        if holder is not None:
+            log.info("schedule %s: fire time %s skipped, claimed by %s", job.id, fire_time.isoformat(), holder)
+            return
+        log.info("schedule %s: fire time %s claimed by %s", job.id, fire_time.isoformat(), self.claimant)
+        copy = Job.__new__(Job)
+        copy.__setstate__(job.__getstate__())
+        copy._scheduler, copy._jobstore_alias = job._scheduler, job._jobstore_alias
+        copy.kwargs = {**job.kwargs, "fire_time": fire_time.astimezone(UTC).isoformat()}
+        super().submit_job(copy, run_times)
 
 
 def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
@@ -274,7 +500,13 @@ def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
     jobs = scheduler.get_jobs()
     log.info("scheduler on %s: %d schedule(s)", tracking.redact(url), len(jobs))
     for job in jobs:
-        log.info("schedule %s: %s, next fire %s", job.id, _describe(job).trigger, job.next_run_time)
+        try:
+            shown = _describe(job).trigger
+        except ValueError as exc:
+            log.warning("schedule %s: paused, %s; remove it with `labbook schedule remove`", ascii(job.id[:60]), exc)
+            scheduler.pause_job(job.id)
+            continue
+        log.info("schedule %s: %s, next fire %s", job.id, shown, job.next_run_time)
     while not stop.wait(poll_seconds):
         scheduler.wakeup()  # see schedules added or removed by other processes since the last look
     log.info("stopping: no new runs; stopping %d running pipeline(s)", len(_children))
@@ -293,100 +525,3 @@ def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
     scheduler.shutdown(wait=True)
     log.info("scheduler stopped")
     return 0
-
-
-# --- export for the system's scheduler ------------------------------------------------------
-
-
-def _command(s: Schedule) -> str:
-    labbook = Path(sys.executable).with_name("labbook")
-    return f"{labbook} run {s.spec} --trigger scheduled --schedule-id {s.id}"
-
-
-def crontab(schedules: list[Schedule]) -> str:
-    """crontab(5) lines that run the same pipelines with `labbook run`."""
-    lines = ["# labbook schedules: install with `crontab -e` (or append to your crontab)"]
-    for s in schedules:
-        when = s.cron or _every_as_cron(s.every_seconds)
-        if when is None:
-            lines.append(f"# {s.id}: every {s.every_seconds:g} s cannot be written as a crontab entry")
-            continue
-        logs = Path(s.cwd) / "mlruns" / "logs" / f"{s.id}.log"
-        lines.append(f"{when} cd {s.cwd} && {_command(s)} >> {logs} 2>&1")
-    return "\n".join(lines) + "\n"
-
-
-def _every_as_cron(seconds: float | None) -> str | None:
-    if not seconds or seconds % 60:
-        return None
-    minutes = int(seconds // 60)
-    if minutes < 60 and 60 % minutes == 0:
-        return f"*/{minutes} * * * *"
-    if minutes % 60 == 0 and 24 % (minutes // 60) == 0:
-        return f"0 */{minutes // 60} * * *"
-    return None
-
-
-_DAYS = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
-
-
-def _calendar_field(field: str, width: int = 2) -> str:
-    """One cron field in systemd.time(7) syntax: `*/15` → `00/15`, `1-5` → `01..05`."""
-    if field == "*":
-        return "*"
-    parts = []
-    for part in field.split(","):
-        value, _, step = part.partition("/")
-        start, _, end = value.partition("-")
-        start = "0" if start == "*" else start
-        text = start.zfill(width) + (f"..{end.zfill(width)}" if end else "")
-        parts.append(text + (f"/{step}" if step else ""))
-    return ",".join(parts)
-
-
-def _day_names(field: str) -> str:
-    parts = []
-    for part in field.split(","):
-        start, _, end = part.partition("-")
-        name = _DAYS[int(start)] if start.isdigit() else start.title()
-        if end:
-            name += ".." + (_DAYS[int(end)] if end.isdigit() else end.title())
-        parts.append(name)
-    return ",".join(parts)
-
-
-def on_calendar(expression: str) -> list[str]:
-    """A cron expression as systemd `OnCalendar=` values.
-
-    Written by hand: no kept library converts between the two. cron fires when day-of-month OR
-    day-of-week matches (both restricted); systemd ANDs them, so that case becomes two values.
-    """
-    minute, hour, dom, month, dow = expression.split()
-    time_part = f"{_calendar_field(hour)}:{_calendar_field(minute)}:00"
-    date = f"*-{_calendar_field(month)}-{{dom}}"
-    if dom != "*" and dow != "*":
-        return [
-            f"*-{_calendar_field(month)}-{_calendar_field(dom)} {time_part}",
-            f"{_day_names(dow)} {date.format(dom='*')} {time_part}",
-        ]
-    prefix = f"{_day_names(dow)} " if dow != "*" else ""
-    return [f"{prefix}{date.format(dom=_calendar_field(dom))} {time_part}"]
-
-
-def systemd(schedules: list[Schedule]) -> str:
-    """A `.service` and a `.timer` unit per schedule (`Persistent=true` catches up missed runs)."""
-    blocks = []
-    for s in schedules:
-        if s.cron:
-            timing = "\n".join(f"OnCalendar={value}" for value in on_calendar(s.cron)) + "\nPersistent=true"
-        else:
-            timing = f"OnActiveSec={s.every_seconds:g}s\nOnUnitActiveSec={s.every_seconds:g}s"
-        blocks.append(
-            f"# --- labbook-{s.id}.service ---\n"
-            f"[Unit]\nDescription=labbook pipeline {s.id}\n\n"
-            f"[Service]\nType=oneshot\nWorkingDirectory={s.cwd}\nExecStart={_command(s)}\n\n"
-            f"# --- labbook-{s.id}.timer ---\n"
-            f"[Unit]\nDescription=labbook schedule {s.id} ({s.trigger})\n\n"
-            f"[Timer]\n{timing}\n\n[Install]\nWantedBy=timers.target\n"
-        )
-    return "\n".join(blocks)

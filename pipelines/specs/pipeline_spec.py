@@ -24,7 +24,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from pipelines.specs.spec import Spec
 
-from pipelines.specs.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from pipelines.specs.spec_io import (
+    MAX_EXPERIMENT,
+    MAX_NAME,
+    PROJECT_ROOT,
+    SpecError,
+    bounded,
+    notebook_problem,
+    one_line,
+    read_yaml,
+    shown,
+)
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
 STEP_NAME = r"^[A-Za-z_][\w-]*$"
@@ -86,7 +96,7 @@ class RegisterStep(_Step):
     run: str  # a run id, usually `${retrain.run_id}`
     metric: str
     direction: Literal["maximize", "minimize"] = "maximize"
-    model_name: str | None = None  # default: the pipeline's name
+    model_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)  # default: the pipeline's name
 
 
 class ReportStep(_Step):
@@ -134,9 +144,9 @@ class PipelineSpec(BaseModel):
     """A named, ordered list of steps, tracked as one MLflow parent run per pipeline run."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     description: str = ""
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=MAX_EXPERIMENT)
     steps: list[Step] = Field(min_length=1)
     report: bool = True  # a report on the parent run at the end, when no step is a report
 
@@ -286,10 +296,24 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
         for key in step.student:
             if key not in known:
                 raise SpecError(f"{where}.student.{key}: not a model setting; known: {', '.join(sorted(known))}")
+        from lightning_modules.settings import check_value
+
+        declared = catalog.entry("model", model).types() if model else {}
+        for m in models:  # without a model named, each setting as the first model that takes it declares it
+            declared = {**catalog.entry("model", m).types(), **declared}
+        for key, value in step.student.items():
+            if key != "model" and not references(value):
+                try:
+                    check_value(key, declared[key], value)
+                except ValueError as exc:
+                    raise SpecError(f"{where}.student.{exc}") from None
     elif isinstance(step, NotebookStep):
         notebook = notebook_path(step.notebook, path)
-        if not notebook.is_file():
-            raise SpecError(f"{where}.notebook: no such notebook {step.notebook!r}")
+        if not notebook.exists():
+            raise SpecError(bounded(f"{where}.notebook: no such notebook {shown(step.notebook, 200)}"))
+        problem = notebook_problem(notebook)
+        if problem is not None:
+            raise SpecError(bounded(f"{where}.notebook: {shown(step.notebook, 200)}: {problem}"))
         import papermill
 
         declared = set(papermill.inspect_notebook(str(notebook)))

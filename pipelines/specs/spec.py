@@ -11,14 +11,26 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from lightning_modules import catalog
+from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
-from pipelines.specs.spec_io import PROJECT_ROOT, SpecError, one_line, read_yaml
+from lightning_modules.settings import checked_type
+from pipelines import spec_yaml
+from pipelines.specs.spec_io import (
+    MAX_EXPERIMENT,
+    MAX_NAME,
+    PROJECT_ROOT,
+    SpecError,
+    bounded,
+    notebook_problem,
+    one_line,
+    read_yaml,
+    shown,
+)
 from pipelines.specs.tune_spec import TuneSpec
 
 DEFAULT_NOTEBOOK = "notebooks/train.ipynb"
@@ -28,19 +40,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+# Every number below is checked as `lightning_modules.settings` checks a constructor's: no boolean
+# passes as a number (`max_epochs: true` is refused, not taken as 1) and floats are finite.
+Int = checked_type(int)
+Float = checked_type(float)
+Bool = checked_type(bool)
 
 
 class OptimSpec(_Strict):
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    momentum: Fraction = 0.9
-    weight_decay: float = Field(0.0, ge=0)
-    l1: float = Field(0.0, ge=0)
-    scheduler: Literal["none", "cosine", "step", "onecycle"] = "none"
-    warmup_epochs: int = Field(0, ge=0)
-    step_size: int = Field(10, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
+    """The optimizer settings every model takes: declared once, on `TrainableModule.__init__`.
+
+    These fields use the same declarations (`lightning_modules.settings`); `tests/test_spec.py`
+    fails when their types or defaults drift from the catalog's.
+    """
+
+    optimizer: checked_type(settings.Optimizer) = "adamw"
+    lr: checked_type(settings.PositiveFloat) = 1e-3
+    momentum: checked_type(settings.Momentum) = 0.9
+    weight_decay: checked_type(settings.NonNegativeFloat) = 0.0
+    l1: checked_type(settings.NonNegativeFloat) = 0.0
+    scheduler: checked_type(settings.Scheduler) = "none"
+    warmup_epochs: checked_type(settings.NonNegativeInt) = 0
+    step_size: checked_type(settings.PositiveInt) = 10
+    gamma: checked_type(settings.Gamma) = 0.1
 
 
 # Lightning's strategies by name, known without importing Lightning; any other name is looked up
@@ -55,20 +77,20 @@ def _strategies() -> list[str]:
 
 
 class TrainerSpec(_Strict):
-    max_epochs: int = Field(10, ge=1)
+    max_epochs: Int = Field(10, ge=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
-    devices: int | str | list[int] = "auto"
-    num_nodes: int = Field(1, ge=1)
+    devices: checked_type(int | str | list[int]) = "auto"
+    num_nodes: Int = Field(1, ge=1)
     # Lightning's own names: auto, ddp, ddp_spawn, ddp_notebook, fsdp, deepspeed, ... (checked below).
     # In a notebook, ddp/ddp_spawn/fsdp run through fork (see pipelines.nb.in_notebook.strategy).
     strategy: str = "auto"
     precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
-    seed: int = 42
-    accumulate_grad_batches: int = Field(1, ge=1)
-    gradient_clip_val: float | None = Field(None, ge=0)
-    compile: bool = False  # torch.compile the model before fitting
-    early_stopping_patience: int | None = Field(None, ge=1)  # epochs without improvement of the monitor
-    enable_progress_bar: bool = True
+    seed: checked_type(settings.Seed) = 42  # the data module's seed too: one declaration
+    accumulate_grad_batches: Int = Field(1, ge=1)
+    gradient_clip_val: Float | None = Field(None, ge=0)
+    compile: Bool = False  # torch.compile the model before fitting
+    early_stopping_patience: Int | None = Field(None, ge=1)  # epochs without improvement of the monitor
+    enable_progress_bar: Bool = True
     # "last": resume this training from the last checkpoint a crashed attempt left (a re-run of the
     # same settings, or a retried trial), the epoch count continuing; or a .ckpt file to start from.
     ckpt_path: str | None = None
@@ -119,7 +141,7 @@ class _Named(BaseModel):
             allowed = ", ".join(["name", *sorted(self._common), *sorted(own)])
             raise ValueError(f"{unknown[0]!r} is not a setting of {self._kind} {self.name!r}; allowed: {allowed}")
         hints = entry.types() if extra else {}
-        fields: dict[str, Any] = {n: (hints.get(n, Any), ...) for n in extra}
+        fields: dict[str, Any] = {n: (checked_type(hints.get(n, Any)), ...) for n in extra}
         checked = create_model(f"{self.name}_settings", __config__=ConfigDict(extra="forbid"), **fields)
         values = checked.model_validate(extra).model_dump()
         # Plain lists for sequences, so YAML, notebooks and MLflow params all show the same value.
@@ -130,31 +152,51 @@ class _Named(BaseModel):
 class ModelSpec(_Named):
     _kind = "model"
     _common = frozenset({"dropout"})
-    dropout: Fraction = 0.0
+    dropout: checked_type(settings.Dropout) = 0.0
 
 
 class DataSpec(_Named):
     _kind = "data"
     _common = frozenset({"batch_size"})
-    batch_size: int = Field(64, ge=1)
+    batch_size: checked_type(settings.PositiveInt) = 64
 
 
 # Names owned by another section: `seed` lives in `trainer` and reaches the data module from there.
 _OTHER_SECTIONS = frozenset(OptimSpec.model_fields) | frozenset(TrainerSpec.model_fields)
 
 
+class LauncherSpec(_Strict):
+    """Where a spec's training or study runs: `launcher: {name: slurm, partition: gpu, time: "2:00:00"}`.
+
+    Flags of the same name (`--launcher`, `--partition`, `--time`, ...) override these; the
+    SLURM settings are checked against the cluster when a command launches, not here.
+    """
+
+    name: Literal["local", "slurm"] = "local"
+    partition: str | None = Field(None, min_length=1, max_length=200)
+    time: str | None = Field(None, min_length=1, max_length=40)  # SLURM's format: minutes, H:MIN:SEC, D-H:MIN
+    cpus_per_task: int | None = Field(None, ge=1)
+    gpus_per_task: int | None = Field(None, ge=0)
+    mem: str | None = Field(None, min_length=1, max_length=40)
+
+    def slurm_options(self) -> dict[str, Any]:
+        """The SLURM settings given, as `launchers.slurm.SlurmOptions` fields."""
+        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
+
+
 class Spec(_Strict):
     """One pipeline: what to train, on what, how, and where it is tracked."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     description: str = ""
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=MAX_EXPERIMENT)
     notebook: str = DEFAULT_NOTEBOOK
     model: ModelSpec
     data: DataSpec
     optim: OptimSpec = OptimSpec()
     trainer: TrainerSpec = TrainerSpec()
     tune: TuneSpec | None = None
+    launcher: LauncherSpec | None = None
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Spec:
@@ -162,14 +204,24 @@ class Spec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _rules_between_settings(self) -> Spec:
+        """The model's and the data's rules (`val_fraction + test_fraction < 1`, ...), as their classes run them."""
+        params = self.parameters()
+        for kind in ("model", "data"):
+            entry = catalog.entry(kind, params[kind])
+            entry.check_rules({k: params[k] for k in entry.settings if k in params})
+        return self
+
+    @model_validator(mode="after")
     def _tune_fits_spec(self) -> Spec:
         """Every searched name is a setting, every endpoint and choice a valid value for it."""
         if self.tune is None:
             return self
-        metrics = _metric_names(self.model.name)
+        metrics = catalog.fit_metric_names(self.model.name)
         if self.tune.metric not in metrics:
             raise ValueError(
-                f"tune.metric {self.tune.metric!r} is not logged by {self.model.name}; known: {', '.join(metrics)}"
+                f"tune.metric {self.tune.metric!r}: the pruner and checkpoints need a metric {self.model.name} logs "
+                f"each epoch while it trains; known: {', '.join(metrics)}"
             )
         base = self.model_copy(update={"tune": None})
         for name, dist in self.tune.space.items():
@@ -237,10 +289,6 @@ class Spec(_Strict):
         raise SpecError(f"--set {key}: unknown setting; known: {', '.join(known)}")
 
 
-def _metric_names(model: str) -> list[str]:
-    return [f"{split}_{m}" for split in ("val", "train", "test") for m in catalog.entry("model", model).metric_names]
-
-
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
     """Read and validate a spec file; every problem is a one-line `SpecError`."""
     path = Path(path)
@@ -258,8 +306,11 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
     notebook = spec.notebook_path(path.parent)
-    if not notebook.is_file():
-        raise SpecError(f"{path}: notebook: no such notebook {spec.notebook!r}")
+    if not notebook.exists():
+        raise SpecError(bounded(f"{path}: notebook: no such notebook {shown(spec.notebook, 200)}"))
+    problem = notebook_problem(notebook)
+    if problem is not None:
+        raise SpecError(bounded(f"{path}: notebook: {shown(spec.notebook, 200)}: {problem}"))
     return spec
 
 
@@ -271,9 +322,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise SpecError(f"--set {pair!r}: expected key=value")
         try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SpecError(f"--set {pair!r}: value is not valid YAML") from None
+            overrides[key.strip()] = spec_yaml.load(value)
+        except (yaml.YAMLError, RecursionError) as exc:
+            problem = exc.message if isinstance(exc, spec_yaml.SpecYAMLError) else "value is not valid YAML"
+            raise SpecError(bounded(f"--set {shown(pair)}: {problem}")) from None
     return overrides
 
 

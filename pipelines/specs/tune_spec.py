@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lightning_modules.settings import checked_type
+from pipelines.spec_io import MAX_NAME
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Endpoints are finite numbers, never booleans: the checks every setting gets (lightning_modules.settings).
+Float = checked_type(float)
+Int = checked_type(int)
+
+
 class FloatRange(_Strict):
     type: Literal["float"]
-    low: float
-    high: float
+    low: Float
+    high: Float
     log: bool = False
-    step: float | None = Field(None, gt=0)
+    step: Float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> FloatRange:
@@ -40,10 +49,10 @@ class FloatRange(_Strict):
 
 class IntRange(_Strict):
     type: Literal["int"]
-    low: int
-    high: int
+    low: Int
+    high: Int
     log: bool = False
-    step: int = Field(1, ge=1)
+    step: Int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> IntRange:
@@ -78,6 +87,8 @@ class Categorical(_Strict):
 def _check_range(low: float, high: float, log: bool) -> None:
     if low >= high:
         raise ValueError(f"empty range: low ({low}) must be below high ({high})")
+    if not math.isfinite(high - low):  # a sampler draws uniformly between them: numpy overflows
+        raise ValueError(f"range too wide: high - low must be a finite float, got {high} - {low}")
     if log and low <= 0:
         raise ValueError(f"log scale needs low > 0, got {low}")
 
@@ -119,7 +130,7 @@ class TuneSpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     storage: str | None = None
-    study_name: str | None = None
+    study_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
 
     @model_validator(mode="before")
     @classmethod

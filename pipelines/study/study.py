@@ -12,20 +12,20 @@ import os
 import random
 import time
 import warnings
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from pipelines.guarded_sampler import GuardedSampler
 from pipelines.specs.tune_spec import PrunerSpec, SamplerSpec
 from pipelines.tracking import tracking
-from pipelines.tracking.tags import Attr
+from pipelines.tracking.tags import Attr, Tag
 
 STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
-HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
-HEARTBEAT_SECONDS = 10  # a worker silent for 3 intervals is dead: its trial is failed and retried
 
 
 def storage_url(explicit: str | None = None) -> str:
@@ -38,13 +38,13 @@ def storage_url(explicit: str | None = None) -> str:
 
 
 def heartbeat_seconds() -> int:
-    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a worker tells the storage it is alive."""
-    value = os.environ.get(HEARTBEAT_ENV, "").strip()
-    if not value:
-        return HEARTBEAT_SECONDS
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{HEARTBEAT_ENV}: expected a whole number of seconds >= 1, got {value!r}")
-    return int(value)
+    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a worker tells the storage it is alive.
+
+    A worker silent for 3 intervals is dead: its trial is failed and retried.
+    """
+    from pipelines import environment
+
+    return environment.heartbeat_seconds()
 
 
 def storage(url: str, heartbeat: bool = False) -> RDBStorage:
@@ -102,35 +102,114 @@ def _retry_and_close_run(study: optuna.Study, trial: FrozenTrial) -> None:
     """
     _retry(study, trial)
     run_id = trial.user_attrs.get(Attr.RUN_ID)
-    if not run_id:
-        return
+    if run_id:
+        reason = f"worker {trial.user_attrs.get(Attr.WORKER, '?')} died (no heartbeat); trial retried"
+        fail_run(run_id, trial.number, reason)
+
+
+def fail_run(run_id: str, number: int, reason: str) -> None:
+    """The MLflow run of a trial Optuna holds FAIL: FAILED, `labbook.trial_state=FAIL`, with the reason.
+
+    A run already saying so keeps its own reason. Never raises: the study's bookkeeping matters
+    more than the run's record, which the next resume reconciles again.
+    """
     mlflow = tracking.client()
     try:
-        if mlflow.get_run(run_id).info.status == "RUNNING":
-            reason = f"worker {trial.user_attrs.get('worker', '?')} died (no heartbeat); trial retried"
+        run = mlflow.get_run(run_id)
+        if run.info.status == "FAILED" and run.data.tags.get(Tag.TRIAL_STATE) == "FAIL":
+            return
+        if run.info.status != "FAILED":
             tracking.finish_run(mlflow, run_id, reason)
-    except Exception as exc:  # the study's bookkeeping matters more than the run's status
-        optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {trial.number}: {exc}")
+        mlflow.set_tag(run_id, Tag.TRIAL_STATE, "FAIL")
+    except Exception as exc:  # noqa: BLE001
+        optuna.logging.get_logger(__name__).warning(f"could not close run {run_id} of trial {number}: {exc}")
 
 
-def sampler(spec: SamplerSpec, worker: str | None = None) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; in a joined worker process (`worker` names it), seeded apart.
+def reconcile_runs(study: optuna.Study) -> None:
+    """Every FAIL trial's MLflow run made to say FAIL too (a driver killed between the two writes,
+    or a run another process closed FINISHED): the record agrees with Optuna."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get(Attr.RUN_ID)
+        if run_id:
+            reason = trial.user_attrs.get(Attr.ERROR) or "the trial failed (Optuna holds it FAIL)"
+            fail_run(run_id, trial.number, str(reason))
 
-    Each process samples with its own generator: with one seed for all, every worker drew the
-    same random start-up points, so 2 workers ran each parameter set twice. The study's own
-    process keeps the spec's seed, so a one-worker study is reproducible.
-    """
-    seed = spec.seed
-    if seed is not None and worker is not None:
-        seed = (seed + zlib.crc32(worker.encode())) % 2**32
+
+def sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; with a seed, every trial samples from a seed of its own (see `_SeedPerTrial`)."""
     startup = {} if spec.n_startup_trials is None else {"n_startup_trials": spec.n_startup_trials}
-    if spec.name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **startup)
-    if spec.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if spec.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **startup)
-    return optuna.samplers.CmaEsSampler(seed=seed, **startup)
+
+    def make(seed: int | None) -> optuna.samplers.BaseSampler:
+        if spec.name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, **startup)
+        if spec.name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if spec.name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, **startup)
+        return optuna.samplers.CmaEsSampler(seed=seed, **startup)
+
+    # Guarded: a sampler's exception fails its trial with the reason, never the whole study.
+    return GuardedSampler(make(None) if spec.seed is None else _SeedPerTrial(make, spec.seed))
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial `number` of a study seeded `seed` (numpy's SeedSequence: independent streams)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class _SeedPerTrial(optuna.samplers.BaseSampler):
+    """A sampler made afresh for each trial, seeded from (the spec's seed, the trial's number).
+
+    Every process that runs trials of a study (`labbook tune` twice, `labbook worker`, `--workers`)
+    loads the study with the spec's seed. A sampler seeded once per process draws the same random
+    sequence in each: two drivers started at once ran each parameter set twice. Trial numbers are
+    unique in a study, so seeding per trial keeps the processes apart, and a study's trial n draws
+    from the same seed however many processes ran it (reproducible with one). The samplers keep
+    their state in the study (TPE, GP and CMA-ES read the trials, CMA-ES its generation too), so
+    a fresh one per trial loses nothing but caches.
+    """
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make = make
+        self._seed = seed
+        self._number: int | None = None
+        self._sampler = make(seed)
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number != self._number:
+            self._number = trial.number
+            self._sampler = self._make(trial_seed(self._seed, trial.number))
+        return self._sampler
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, optuna.distributions.BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
 
 
 def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:

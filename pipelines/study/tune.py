@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,10 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.errors import reason
 from pipelines.execution import notebook, resume
 from pipelines.execution.run import run_training
+from pipelines.guarded_sampler import SamplerFailed
 from pipelines.kernels.env import ENV_PID
 from pipelines.specs.spec import Spec, SpecError
 from pipelines.specs.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
@@ -76,12 +79,12 @@ class Study:
         assert self.spec.tune is not None
         return self.spec.tune
 
-    def load(self, heartbeat: bool = True, worker: str | None = None) -> optuna.Study:
-        """The study as one process sees it; `worker` names a process that joined (`labbook worker`)."""
+    def load(self, heartbeat: bool = True) -> optuna.Study:
+        """The study as one process sees it (its sampler seeded per trial: processes sample apart)."""
         return optuna.load_study(
             study_name=self.name,
             storage=studies.storage(self.storage_url, heartbeat=heartbeat),
-            sampler=studies.sampler(self.tune.sampler, worker),
+            sampler=studies.sampler(self.tune.sampler),
             pruner=studies.pruner(self.tune.pruner),
         )
 
@@ -142,7 +145,7 @@ def _ensure_parent_run(handle: Study, created: optuna.Study) -> str:
     parent_id = created.user_attrs.get(Attr.PARENT_RUN)
     if parent_id:
         try:
-            mlflow.update_run(parent_id, status="RUNNING")
+            tracking.reopen_run(mlflow, parent_id)  # this process drives it now
             return parent_id
         except Exception:  # the run was deleted from MLflow: start a new parent
             pass
@@ -197,17 +200,17 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
     created.set_user_attr(Attr.PRUNER, tune.pruner.model_dump())
     created.set_user_attr(Attr.METRIC, tune.metric)
     studies.fail_stale_trials(created)
+    studies.reconcile_runs(created)  # a trial FAIL in Optuna has its MLflow run FAILED, whatever happened
     return created, _ensure_parent_run(handle, created)
 
 
 class _Worker:
     """Runs trials of one study until its budget is spent; prints a progress line per trial."""
 
-    def __init__(self, handle: Study, parent_run_id: str, console: Console | None, worker: str | None = None) -> None:
+    def __init__(self, handle: Study, parent_run_id: str, console: Console | None) -> None:
         self.handle = handle
         self.parent_run_id = parent_run_id
         self.console = console
-        self.worker = worker  # set in a joined worker process: its sampler gets a seed of its own
         self.mlflow = tracking.client()
         self.kernels: KernelPool | None = None  # set while `run` runs
 
@@ -224,7 +227,12 @@ class _Worker:
         if self.handle.n_trials is not None and studies.over_budget(trials, trial.number, self.handle.n_trials):
             trial.set_user_attr(Attr.OVER_BUDGET, True)  # after_trial then stops this worker
             raise TrialFailed(f"not run: trials before it use the study's budget of {self.handle.n_trials}")
-        values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
+        try:
+            values = {name: _suggest(trial, name, dist) for name, dist in tune.space.items()}
+        except Exception as exc:  # the sampler's fault (GuardedSampler says so) or Optuna's: this trial only
+            reason = str(exc) if isinstance(exc, SamplerFailed) else f"sampler failed: {type(exc).__name__}: {exc}"
+            trial.set_user_attr(Attr.ERROR, reason[:500])
+            raise TrialFailed(reason[:500]) from None
         spec = self.handle.spec.with_overrides(values)
         frozen = next(t for t in trials if t.number == trial.number)
         if self.console:
@@ -242,6 +250,9 @@ class _Worker:
         except KeyboardInterrupt:
             trial.set_user_attr(Attr.ERROR, "interrupted")
             trial.set_user_attr(Attr.INTERRUPTED, True)
+            run_id = trial.user_attrs.get(Attr.RUN_ID)
+            if run_id:  # Optuna records the trial FAIL: its run says so too
+                studies.fail_run(run_id, trial.number, "interrupted")
             raise
         trial.set_user_attr(Attr.RUN_ID, result.run_id)
         if result.pruned:
@@ -281,6 +292,7 @@ class _Worker:
         )
 
     def _fail(self, trial: optuna.Trial, run_id: str, error: str) -> float:
+        error = reason(error)
         trial.set_user_attr(Attr.ERROR, error)
         self.mlflow.set_tag(run_id, Tag.TRIAL_STATE, "FAIL")
         self.mlflow.set_tag(run_id, Tag.ERROR, error)
@@ -306,7 +318,7 @@ class _Worker:
 
     def _run_trials(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        study = self.handle.load(worker=self.worker)
+        study = self.handle.load()
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -333,7 +345,7 @@ class _Worker:
 
 
 def _this_process() -> str:
-    """`host:pid`: which worker ran a trial, and what a joined worker's sampler seed is mixed with.
+    """`host:pid`: which worker ran a trial.
 
     The pid is the one the user started: a command forked by a kernel server (launch.py) runs in
     another process, but `kill` of the started one is what stops it.
@@ -385,7 +397,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
         )
     if console:
         console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
-    _Worker(handle, parent, console, worker=_this_process()).run(handle.timeout)
+    _Worker(handle, parent, console).run(handle.timeout)
 
 
 def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:
@@ -420,8 +432,13 @@ def tune(
     confirm_top: int = 0,
     seeds: int = 3,
     report: bool = True,
+    launcher: Callable[[Study, str, Console | None], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) the study to its budget with `workers` processes, then summarize it."""
+    """Run (or resume) the study to its budget with `workers` processes, then summarize it.
+
+    `launcher(handle, parent_run_id, console)`, if given, runs the trials elsewhere instead of
+    this process and `workers - 1` local ones (e.g. a SLURM job array, `launchers.slurm`).
+    """
     created, parent = create(handle)
     mlflow = tracking.client()
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
@@ -430,9 +447,12 @@ def tune(
         console.print(f"study {handle.name!r} on {tracking.redact(handle.storage_url)}; MLflow parent run {parent}")
         console.print(progress_line(created, handle))
     started = time.monotonic()
-    others = _worker_processes(handle, workers - 1)
+    others = _worker_processes(handle, workers - 1) if launcher is None else []
     try:
-        _Worker(handle, parent, console).run(handle.timeout)
+        if launcher is None:
+            _Worker(handle, parent, console).run(handle.timeout)
+        else:
+            launcher(handle, parent, console)
     except BaseException as exc:
         # Stop the other workers (they record their running trials as interrupted), keep the
         # trials table on the parent run, and close it FAILED with the reason.
@@ -474,7 +494,7 @@ def _report(handle: Study, parent: str, mlflow: MlflowClient, console: Console |
     if executed.interrupted:
         raise executed.interrupted
     if executed.error:  # the study's results stand; say what the report could not do
-        mlflow.set_tag(parent, Tag.REPORT_ERROR, executed.error)
+        mlflow.set_tag(parent, Tag.REPORT_ERROR, reason(executed.error))
         if console:
             console.print(f"[yellow]warning: the study report failed: {executed.error}[/yellow]")
     elif console:
@@ -609,4 +629,5 @@ def print_summary(console: Console, handle: Study, result: StudyResult) -> None:
     if result.champion:
         c = result.champion
         moved = "moved to" if c["promoted"] else "stays on"
-        console.print(f"registered {c['name']} v{c['version']}; alias champion {moved} v{c['champion_version']}")
+        held = f"{moved} v{c['champion_version']}" if c["champion_version"] else "not set"
+        console.print(f"registered {c['name']} v{c['version']}; alias champion {held} ({c['reason']})")

@@ -36,15 +36,29 @@ def executed_notebook(client: MlflowClient, run_id: str) -> nbformat.NotebookNod
 
 
 def recorded_parameters(run_id: str) -> tuple[Path, dict]:
-    """The notebook and the parameters papermill injected into it, from the run's executed copy."""
+    """The notebook the run's tag names and the parameters papermill injected, from its executed copy.
+
+    The path is what the tag says, unchecked: `rerun.notebook_to_run` decides what may be executed.
+    """
     client = tracking.client()
+    notebook_tag, copy = notebook_record(client, run_id)
+    params = run_parameters(run_id, copy)
+    source = Path(notebook_tag)
+    return (source if source.is_absolute() else tracking.PROJECT_ROOT / source), params
+
+
+def notebook_record(client: MlflowClient, run_id: str) -> tuple[str, nbformat.NotebookNode]:
+    """The notebook a run's `labbook.notebook` tag names, and the executed copy attached to the run."""
     run = client.get_run(run_id)
     notebook_tag = run.data.tags.get(Tag.NOTEBOOK)
     if not notebook_tag:
         raise ValueError(f"run {run_id} has no executed notebook recorded: it was not made by labbook")
-    copy = executed_notebook(client, run_id)
+    return notebook_tag, executed_notebook(client, run_id)
+
+
+def run_parameters(run_id: str, copy: nbformat.NotebookNode) -> dict:
+    """The parameters papermill injected, from a run's executed copy `copy`."""
     params = dict(copy.metadata.get("papermill", {}).get("parameters", {}))
     if not params:
         raise ValueError(f"run {run_id}: its executed notebook records no parameters")
-    source = Path(notebook_tag)
-    return (source if source.is_absolute() else tracking.PROJECT_ROOT / source), params
+    return params

@@ -36,9 +36,12 @@ AUTH_CACHE_SECONDS = 60
 
 
 def auth_config(path: Path, database_uri: str, admin_username: str) -> Path:
-    """MLflow's basic-auth settings: users in `database_uri`, no access without a login."""
+    """MLflow's basic-auth settings: users in `database_uri`, no access without a login.
+
+    The file names the users' database (whose URL may hold a password): it is this user's alone (0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
+    private_file(path).write_text(
         "[mlflow]\n"
         "default_permission = READ\n"
         f"database_uri = {database_uri}\n"
@@ -47,6 +50,53 @@ def auth_config(path: Path, database_uri: str, admin_username: str) -> Path:
         f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n"
     )
     return path
+
+
+def private_file(path: Path) -> Path:
+    """`path` created if missing, and made readable and writable by this user only (0600), before
+    anything secret is written to it. A file that exists already (from an older labbook) is fixed too."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # created 0600 whatever the umask
+    os.chmod(path, 0o600)
+    return path
+
+
+def private_sqlite(database_uri: str) -> None:
+    """A SQLite users' database (`sqlite:///…`) made this user's alone before MLflow opens it: it holds
+    every login's password hash, which MLflow would create 0644 (readable by any local user).
+    SQLite gives its journal files the database file's permissions. Other databases: unchanged."""
+    if not database_uri.startswith("sqlite:///"):
+        return
+    path = Path(database_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)  # an empty file is an empty SQLite database: MLflow creates its tables in it
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.chmod(side, 0o600)
+
+
+def basic_auth(env: dict[str, str], auth_db: str | None = None) -> list[str]:
+    """Turn MLflow's basic-auth app on for a server (or UI) started with `env`: its settings, users'
+    database and admin login go into `env`; returns the arguments to add to `mlflow server`/`mlflow ui`.
+
+    The admin login is MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, the variables clients
+    already send; users live in `auth_db` (default: `sqlite:///mlruns/basic_auth.db`, created 0600).
+    Raises ValueError when either variable is missing.
+    """
+    username, password = env.get(USERNAME_ENV), env.get(PASSWORD_ENV)
+    if not username or not password:
+        raise ValueError(
+            f"--auth: set {USERNAME_ENV} and {PASSWORD_ENV}: they become the server's admin login, "
+            "and clients (workers, a browser) send the same login"
+        )
+    auth_db = auth_db or f"sqlite:///{Path.cwd() / 'mlruns' / 'basic_auth.db'}"
+    private_sqlite(auth_db)
+    config = auth_config(Path.cwd() / "mlruns" / "basic_auth.ini", auth_db, username)
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password  # used once, when the user store is empty
+    # Signs the UI's CSRF tokens; servers behind one load balancer must share it.
+    env.setdefault(SECRET_ENV, secrets.token_hex(32))
+    return ["--app-name", "basic-auth"]
 
 
 def server_command(
@@ -77,17 +127,5 @@ def server_command(
     if workers:
         argv += ["--workers", str(workers)]
     if auth:
-        username, password = env.get(USERNAME_ENV), env.get(PASSWORD_ENV)
-        if not username or not password:
-            raise ValueError(
-                f"--auth: set {USERNAME_ENV} and {PASSWORD_ENV}: they become the server's admin login, "
-                "and workers send the same two variables"
-            )
-        auth_db = auth_db or f"sqlite:///{Path.cwd() / 'mlruns' / 'basic_auth.db'}"
-        config = auth_config(Path.cwd() / "mlruns" / "basic_auth.ini", auth_db, username)
-        env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
-        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password  # used once, when the user store is empty
-        # Signs the UI's CSRF tokens; servers behind one load balancer must share it.
-        env.setdefault(SECRET_ENV, secrets.token_hex(32))
-        argv += ["--app-name", "basic-auth"]
+        argv += basic_auth(env, auth_db)
     return ServerCommand(argv, env, f"http://{host}:{port}")

@@ -7,7 +7,9 @@ directory) with artifacts in `mlruns/artifacts/`. `MLFLOW_TRACKING_URI` override
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from pipelines.errors import TrackingUnavailable
+from pipelines import driver
+from pipelines.errors import TrackingUnavailable, reason
 from pipelines.tracking.tags import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +64,20 @@ def output_dir(uri: str, run_id: str) -> Path:
     return files_dir(uri) / "outputs" / run_id
 
 
+def folder_name(name: str, limit: int = 100) -> str:
+    """A folder name from a user's experiment, spec or study name: no separators, no `..`, short.
+
+    Names may be 500 characters (MLflow's limit for an experiment), folder names 255 bytes: a long
+    name keeps its first characters and gains a digest of the whole, so two names stay apart.
+    """
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "_"
+    if len(safe) <= limit:
+        return safe
+    return f"{safe[: limit - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
 def redact(url: str) -> str:
     """A storage or tracking URL fit to print or tag: its password replaced by `***`."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
@@ -98,10 +115,67 @@ def client(uri: str | None = None) -> MlflowClient:
     if match is None:
         return MlflowClient(tracking_uri=uri)
     database = Path(match.group(1))
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(database.with_name(database.name + ".lock"), "a")  # noqa: SIM115 - closed below
+    except OSError:
+        if database.is_file():  # a read-only store: reading needs no lock, and nobody can migrate it here
+            return MlflowClient(tracking_uri=uri)
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed; MLflow keeps the store open after
         return MlflowClient(tracking_uri=uri)
+
+
+_FULL = ("database or disk is full", "no space left on device", "disk quota exceeded")
+_READ_ONLY = ("readonly database", "read-only file system")
+
+
+def store_problem(exc: BaseException, uri: str | None = None) -> str | None:
+    """One line when `exc` (or what caused it) says the store cannot be written: read-only or full.
+
+    None for any other error, which the caller lets through. The line names the store, never
+    the database's error text (it may quote SQL and values).
+    """
+    import errno
+
+    seen: BaseException | None = exc
+    text = ""
+    for _ in range(10):  # the chain of causes, bounded
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            text = "no space left on device"
+            break
+        if isinstance(seen, OSError) and seen.errno == errno.EROFS:
+            text = "read-only file system"
+            break
+        text = f"{text} {seen}".lower()
+        seen = seen.__cause__ or seen.__context__
+    where = redact(uri or tracking_uri())
+    if any(marker in text for marker in _FULL):
+        return f"the store {where} cannot be written: its disk is full; free space, then run the command again"
+    if any(marker in text for marker in _READ_ONLY):
+        return f"the store {where} is read-only: labbook can read it (compare, diff) but not add runs to it"
+    return None
+
+
+def check_writable(uri: str | None = None) -> None:
+    """Before a command writes anything: a local store that cannot be written says so now, in one line.
+
+    Raises OSError (EROFS) for a read-only SQLite store or folder; a store elsewhere is left to
+    the writes themselves (see `store_problem`).
+    """
+    import errno
+
+    uri = uri or tracking_uri()
+    folder = local_store_dir(uri)
+    if folder is None or not folder.exists():
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    targets = [folder, database] if database.exists() else [folder]
+    if not all(os.access(path, os.W_OK) for path in targets):
+        raise OSError(errno.EROFS, "read-only file system", str(folder))
 
 
 def check_server(uri: str | None = None) -> None:
@@ -145,8 +219,7 @@ def ensure_experiment(mlflow: MlflowClient, name: str) -> str:
     store = local_store_dir(mlflow.tracking_uri)
     location = None
     if store is not None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        location = (store / "artifacts" / slug).as_uri()
+        location = (store / "artifacts" / folder_name(name)).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception:
@@ -163,6 +236,11 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
+
+
+def notebook_sha256(data: bytes) -> str:
+    """The SHA-256 (hex) of a notebook file's bytes: what `labbook rerun` checks a source notebook against."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
@@ -194,7 +272,16 @@ def provenance_tags(seed: int | None, notebook: str | Path) -> dict[str, str]:
     }
     if seed is not None:
         tags[Tag.SEED] = str(seed)
-    return tags
+    return tags | scheduler_tags()
+
+
+def scheduler_tags() -> dict[str, str]:
+    """The SLURM job this process runs in (`labbook jobs` reads it): `12_3` for task 3 of array 12."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return {Tag.SLURM_JOB_ID: f"{array}_{task}" if array and task else job}
 
 
 def start_run(
@@ -204,35 +291,132 @@ def start_run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Create a RUNNING run (nested under `parent_run_id` if given) and return its id."""
+    """Create a RUNNING run (nested under `parent_run_id` if given) and return its id.
+
+    This process becomes the run's driver (pipelines/driver.py): tagged with who it is, it
+    heart-beats the run until `finish_run`, so a later command can tell when it died.
+    """
     experiment_id = ensure_experiment(mlflow, experiment_name)
-    all_tags = dict(tags or {})
+    all_tags = {**driver.tags(), **(tags or {})}
     if parent_run_id:
         all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     if run_name:
         all_tags[MLFLOW_RUN_NAME] = run_name
     run = mlflow.create_run(experiment_id, run_name=run_name or None, tags=all_tags)
+    driver.drive(mlflow, run.info.run_id, tag=False)
+    _hold_reserve(mlflow.tracking_uri)
     return run.info.run_id
 
 
+def reopen_run(mlflow: MlflowClient, run_id: str) -> None:
+    """A closed run RUNNING again (a resumed study or pipeline), this process its driver now."""
+    mlflow.update_run(run_id, status="RUNNING")
+    driver.drive(mlflow, run_id)
+
+
 def finish_run(mlflow: MlflowClient, run_id: str, error: str | None = None) -> None:
-    """Close a run: FINISHED, or FAILED with the one-line error as a tag."""
-    if error:
-        mlflow.set_tag(run_id, Tag.ERROR, error[:5000])
+    """Close a run: FINISHED, or FAILED with the one-line error as a tag.
+
+    The status is written first: when the store can take only one more write (a full disk),
+    the run says FAILED, never FINISHED or RUNNING; the reason follows, best effort.
+    """
+    driver.release(run_id)
     status = RunStatus.FAILED if error else RunStatus.FINISHED
-    mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    try:
+        mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    except Exception as exc:
+        # A full disk (a notebook's output can fill it): this process's reserve frees room for the status.
+        if store_problem(exc, mlflow.tracking_uri) is None or not _release_reserve(mlflow.tracking_uri):
+            raise
+        mlflow.set_terminated(run_id, RunStatus.to_string(status))
+    if error:
+        with contextlib.suppress(Exception):  # the status already says it failed
+            mlflow.set_tag(run_id, Tag.ERROR, reason(error))
+
+
+RESERVE_BYTES = 256 * 1024  # room for a run's last writes (status, reason) on a disk that filled up
+_RESERVE_PREFIX = ".labbook-reserve-"
+
+
+def _reserve_path(uri: str) -> Path | None:
+    """This process's reserve file beside a local store (`.labbook-reserve-<pid>-<start time>`)."""
+    folder = local_store_dir(uri)
+    started = driver.start_time(os.getpid())
+    return None if folder is None or started is None else folder / f"{_RESERVE_PREFIX}{os.getpid()}-{started}"
+
+
+def _hold_reserve(uri: str) -> None:
+    """Set aside RESERVE_BYTES beside a local store, once per process, removed when it exits.
+
+    Written by hand (the file system's own reserved blocks are root's, and a tmpfs has none):
+    when a run fills the disk, its driver can still write that the run FAILED.
+    """
+    import atexit
+
+    path = _reserve_path(uri)
+    if path is None or path.exists():
+        return
+    try:
+        with open(path, "xb") as reserve:
+            os.posix_fallocate(reserve.fileno(), 0, RESERVE_BYTES)
+    except OSError:  # no room even for that: nothing is set aside
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    atexit.register(lambda: path.unlink(missing_ok=True))
+
+
+def _release_reserve(uri: str) -> bool:
+    """Free this process's reserve; False if it had none."""
+    path = _reserve_path(uri)
+    if path is None or not path.exists():
+        return False
+    path.unlink()
+    return True
+
+
+def remove_dead_reserves(uri: str) -> None:
+    """Reserve files of processes that are gone (killed: their exit handler never ran)."""
+    folder = local_store_dir(uri)
+    for path in folder.glob(f"{_RESERVE_PREFIX}*") if folder is not None else []:
+        pid, _, started = path.name.removeprefix(_RESERVE_PREFIX).partition("-")
+        if pid.isdigit() and driver.start_time(int(pid)) != started:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value (MAX_PARAM_VAL_LENGTH)
+LONG_PARAMS_DIR = "params"  # where a value longer than that is kept whole, as params/<key>.txt
+
+
+def param_value(key: str, value: Any) -> str:
+    """The text MLflow keeps for a param: `str(value)` whole up to MLFLOW's limit; past it a cut
+    value ending in a marker that names the artifact holding the whole (`log_params` writes it).
+
+    Every writer of a run's params goes through here (labbook's own and the notebook's Lightning
+    logger, see `in_notebook.mlflow_logger`): MLflow refuses a param logged twice with two values,
+    and Lightning's own logger cut values at 250 characters, failing every run with a longer one.
+    """
+    text = str(value)
+    if len(text) <= MAX_PARAM_VALUE:
+        return text
+    marker = f" ...[{len(text)} characters; whole value: artifact {LONG_PARAMS_DIR}/{key}.txt]"
+    return text[: MAX_PARAM_VALUE - len(marker)] + marker
 
 
 def log_params(mlflow: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
-    """Log params (and tags) in one call, each value as `str(value)`: the way Lightning's
-    MLFlowLogger writes hparams, so when both log `lr` they agree and MLflow accepts it."""
+    """Log params (and tags) in batches of 100 (MLflow's most per call), each value as `param_value`
+    writes it; a value past MLflow's limit is also attached whole as `params/<key>.txt`."""
     from mlflow.entities import Param, RunTag
 
-    mlflow.log_batch(
-        run_id,
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-    )
+    values = {k: param_value(k, v) for k, v in params.items()}
+    for key, value in params.items():
+        if values[key] != str(value):
+            mlflow.log_text(run_id, str(value), f"{LONG_PARAMS_DIR}/{key}.txt")
+    items = [Param(k, v) for k, v in values.items()]
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(items), 1), 100):
+        mlflow.log_batch(run_id, params=items[start : start + 100], tags=tag_items if start == 0 else [])
 
 
 def record_outputs(client: MlflowClient, run_id: str, outputs: dict[str, Any]) -> None:

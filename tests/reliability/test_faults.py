@@ -386,7 +386,8 @@ def test_6_a_retried_trial_resumes_the_checkpoints_of_the_trial_it_retries(tmp_p
     retry(study, study._storage.get_trial(retried._trial_id))  # and that worker died too
     again = study.ask()
     keys = {resume.trial_key("s/../x", study._storage.get_trial(t._trial_id)) for t in (original, retried, again)}
-    assert keys == {"s_.._x/trial-0"}  # one folder for the trial and its retries, inside the store
+    (key,) = keys  # one folder for the trial and its retries, inside the store, named apart from `s_.._x`
+    assert key.startswith("s_.._x-") and key.endswith("/trial-0") and ".." not in key.split("/")
 
     settings = {"lr": 0.01, "max_epochs": 10}
     assert resume.run_key("e", "spec", settings) == resume.run_key("e", "spec", {**settings, "max_epochs": 20})

@@ -1,0 +1,76 @@
+"""Every `LABBOOK_*` environment variable labbook reads, with what it accepts, checked up front.
+
+Each variable has one reader (here, or in the module that owns it); `check()` runs them all
+before a command writes anything, so `LABBOOK_HEARTBEAT_SECONDS=abc` is one line and exit 2 at
+the start, not a traceback minutes into a study. `tests/test_spec.py` fails when a module reads
+a `LABBOOK_*` variable that is not listed in `readers()`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
+WARM_KERNELS_ENV = "LABBOOK_WARM_KERNELS"
+OPTUNA_STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
+SCHEDULER_DB_ENV = "LABBOOK_SCHEDULER_DB"
+# Set by labbook itself for the processes it starts, never by a user: not checked.
+INTERNAL = frozenset({"LABBOOK_COMMAND_PID"})
+
+
+def whole_number(name: str, default: int, low: int, high: int) -> int:
+    """`name` as a whole number in [low, high], else `default` when unset; `ValueError` in one line."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ValueError(f"{name}={raw[:40]!r}: expected a whole number from {low} to {high}")
+    return int(raw)
+
+
+def heartbeat_seconds() -> int:
+    """`LABBOOK_HEARTBEAT_SECONDS`, else 10: how often a study worker tells the storage it is alive."""
+    return whole_number(HEARTBEAT_ENV, 10, 1, 3600)
+
+
+def warm_kernels() -> int:
+    """`LABBOOK_WARM_KERNELS`, else 1: kernels a pool keeps warm (0 turns the pool off)."""
+    return whole_number(WARM_KERNELS_ENV, 1, 0, 64)
+
+
+def store_url(name: str) -> str | None:
+    """`name` as a database URL SQLAlchemy can open (sqlite:///..., postgresql://...), or None when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(raw)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"{name}: not a database URL; expected sqlite:///mlruns/x.db, postgresql://...") from None
+    return raw
+
+
+def readers() -> dict[str, Callable[[], object]]:
+    """Each `LABBOOK_*` variable a user may set → the function that reads (and checks) it."""
+    from pipelines import driver, launch
+
+    return {
+        HEARTBEAT_ENV: heartbeat_seconds,
+        WARM_KERNELS_ENV: warm_kernels,
+        OPTUNA_STORAGE_ENV: lambda: store_url(OPTUNA_STORAGE_ENV),
+        SCHEDULER_DB_ENV: lambda: store_url(SCHEDULER_DB_ENV),
+        launch.ENV_FORK: launch.fork_enabled,
+        launch.ENV_SERVER: lambda: None,  # checked where it is used: whose socket it is (launch.server_path)
+        driver.HEARTBEAT_ENV: driver.heartbeat_seconds,
+    }
+
+
+def check() -> None:
+    """Read every `LABBOOK_*` variable that is set; the first bad one raises `ValueError` (one line)."""
+    for name, read in readers().items():
+        if os.environ.get(name, "").strip():
+            read()
