@@ -55,9 +55,12 @@ import optuna  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from pipelines import in_notebook, notebook, tracking, tune  # noqa: E402
-from pipelines.spec import hyperparameters, load_spec  # noqa: E402
-from pipelines.tune_spec import PrunerSpec  # noqa: E402
+from pipelines.execution import notebook  # noqa: E402
+from pipelines.nb import in_notebook  # noqa: E402
+from pipelines.specs.spec import hyperparameters, load_spec  # noqa: E402
+from pipelines.specs.tune_spec import PrunerSpec  # noqa: E402
+from pipelines.study import tune  # noqa: E402
+from pipelines.tracking import tracking  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent

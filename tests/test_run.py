@@ -273,7 +273,7 @@ def test_a_parameter_longer_than_250_characters_is_logged_whole(store: str) -> N
 
 
 def test_a_parameter_past_mlflows_limit_is_kept_whole_as_an_artifact(store: str) -> None:
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     client = MlflowClient(store)
     run_id = tracking.start_run(client, "long-params")

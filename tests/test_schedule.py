@@ -17,8 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from pipelines import cron, schedule_export
-from pipelines.schedule import schedule
+from pipelines.schedule import cron, schedule, schedule_export
 from pipelines.tracking import tracking
 from tests.conftest import LABBOOK, labbook
 
@@ -178,7 +177,7 @@ EXPRESSIONS = [
 def crontab5_reference(expression: str, after: datetime, count: int) -> list[datetime]:
     """The next fire times by crontab(5)'s text alone, checked day by day and minute by minute.
 
-    Written apart from pipelines/cron.py on purpose: an independent reading of the man page
+    Written apart from pipelines/schedule/cron.py on purpose: an independent reading of the man page
     ("If both fields are restricted (i.e., don't start with *), the command will be run when
     either field matches the current time"; 0 and 7 are Sunday; names are the first three
     letters). Wall-clock UTC, so no DST.

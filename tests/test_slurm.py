@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK, labbook
 
 SLURM_LOCAL = PROJECT_ROOT / "scripts" / "slurm-local"

@@ -249,7 +249,7 @@ def test_rules_between_settings_are_the_class_own(spec: str, overrides: dict, ta
 def test_the_spec_sections_defaults_are_the_classes_defaults() -> None:
     """OptimSpec, dropout, batch_size and seed use the classes' declarations: same defaults, same ranges."""
     from lightning_modules import catalog
-    from pipelines.spec import DataSpec, ModelSpec, OptimSpec, TrainerSpec
+    from pipelines.specs.spec import DataSpec, ModelSpec, OptimSpec, TrainerSpec
 
     for model in catalog.names("model"):
         defaults = catalog.entry("model", model).defaults
@@ -392,7 +392,7 @@ def test_bad_labbook_environment_is_refused_before_anything_is_written(
 def test_every_labbook_variable_read_anywhere_is_checked() -> None:
     import re as regex
 
-    from pipelines import environment
+    from pipelines.specs import environment
 
     read = set()
     for source in (PROJECT_ROOT / "pipelines").glob("*.py"):

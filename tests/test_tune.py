@@ -443,9 +443,9 @@ class _BrokenSampler(optuna.samplers.RandomSampler):
 def test_a_sampler_exception_fails_its_trial_not_the_study(
     store: str, optuna_url: str, where: str, reason: str
 ) -> None:
-    from pipelines import study as studies
-    from pipelines.guarded_sampler import GuardedSampler
-    from pipelines.tune import TrialFailed, _Worker, create, open_study
+    from pipelines.study import study as studies
+    from pipelines.study.guarded_sampler import GuardedSampler
+    from pipelines.study.tune import TrialFailed, _Worker, create, open_study
 
     handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
     study, parent = create(handle)

@@ -71,6 +71,15 @@ MOVES: dict[str, str] = {
     # reports: reading recorded runs back
     "compare": "reports",
     "diff": "reports",
+    # Modules main added after the first run of this script (merged in):
+    "spec_yaml": "specs",  # the strict YAML loader specs are read with
+    "environment": "specs",  # every LABBOOK_* variable, checked up front (imported from layer 3 up)
+    "driver": "tracking",  # a run's driver tags and liveness (tracking.create_run tags every run)
+    "reap": "execution",  # closes runs whose driver died, attaching the partial notebook (execution.notebook)
+    "guarded_sampler": "study",
+    "cron": "schedule",
+    "schedule_export": "schedule",
+    "socket_claim": "kernels",  # the kernel server's socket path, claimed under a lock
 }
 PACKAGES = sorted(set(MOVES.values()))
 

@@ -37,7 +37,7 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
-from pipelines import socket_claim
+from pipelines.kernels import socket_claim
 from pipelines.kernels.env import interpreter, trusted_connection
 
 LAUNCHER = "ipykernel_launcher"

@@ -36,7 +36,7 @@ ENV_SIZE = "LABBOOK_WARM_KERNELS"
 
 def default_size() -> int:
     """`LABBOOK_WARM_KERNELS` (0 turns the pool off), else 1: one kernel warming while one trains."""
-    from pipelines import environment
+    from pipelines.specs import environment
 
     return environment.warm_kernels()
 

@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.spec_io import SpecError
+from pipelines.specs.spec_io import SpecError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from pipelines.tune import Study
+    from pipelines.study.tune import Study
 
 LIVE = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
@@ -129,8 +129,9 @@ def check(options: SlurmOptions, nodes: int = 1, tasks_per_node: int = 1) -> Non
             raise SpecError(f"--time: {options.time} is over partition {partition}'s MaxTime of {limit} minutes")
     probe = _run("sbatch", "--test-only", *_flags(options, nodes, tasks_per_node), "--wrap", "true")
     if probe.returncode != 0:
-        raise SpecError(f"SLURM refuses the request ({' '.join(_flags(options, nodes, tasks_per_node))}): "
-                        f"{_one_line(probe.stderr)}")
+        raise SpecError(
+            f"SLURM refuses the request ({' '.join(_flags(options, nodes, tasks_per_node))}): {_one_line(probe.stderr)}"
+        )
 
 
 def _max_time(partition: str | None) -> tuple[int | None, str]:
@@ -201,7 +202,7 @@ def cancel(job_ids: list[str]) -> None:
 
 def _folder(kind: str, name: str) -> Path:
     """A fresh folder for one submission's scripts and logs, beside the local store."""
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     folder = tracking.files_dir(tracking.tracking_uri()) / "slurm" / f"{kind}-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -218,7 +219,7 @@ def study_worker(handle: Study, tracking_uri: str) -> None:
     """
     from rich.console import Console
 
-    from pipelines.tune import run_worker
+    from pipelines.study.tune import run_worker
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", "1")
@@ -230,7 +231,7 @@ def submit_workers(handle: Study, count: int, options: SlurmOptions) -> tuple[st
     """Submit `count` workers of the study as one job array; its array job id and log folder."""
     import submitit
 
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     folder = _folder("study", handle.name)
     executor = submitit.SlurmExecutor(folder=folder / "%j", python=sys.executable)
@@ -252,9 +253,9 @@ def run_study(handle: Study, parent: str, console: Console | None, count: int, o
     """The driver's part of a SLURM study (a `tune.tune` launcher): submit, watch, cancel on stop."""
     from optuna.trial import TrialState
 
-    from pipelines import study as studies
-    from pipelines import tracking
-    from pipelines.tune import progress_line
+    from pipelines.study import study as studies
+    from pipelines.study.tune import progress_line
+    from pipelines.tracking import tracking
 
     mlflow = tracking.client()
     arrays: list[str] = []
@@ -313,7 +314,7 @@ class JobRow:
 
 def jobs(limit: int = 100) -> list[JobRow]:
     """The newest `limit` runs recorded inside (or submitting) a SLURM job, with the job's state."""
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     mlflow = tracking.client()
     experiments = [e.experiment_id for e in mlflow.search_experiments()]
@@ -395,8 +396,8 @@ def submit_training(
     job's log are attached to it; it is closed FINISHED when the job completes, else FAILED.
     Ctrl-C or SIGTERM cancels the job and closes the run FAILED ("interrupted").
     """
-    from pipelines import tracking
-    from pipelines.script import notebook_script
+    from pipelines.execution.script import notebook_script
+    from pipelines.tracking import tracking
 
     spec = spec.with_overrides({"strategy": "ddp", "devices": devices, "num_nodes": nodes})
     uri = tracking.tracking_uri()

@@ -17,7 +17,7 @@ while no scheduler runs. `labbook scheduler` is the foreground service that fire
   lose the claim log that they skipped it.
 
 Cron expressions mean what Vixie cron makes them mean, in the schedule's time zone
-(pipelines/cron.py); pipelines/schedule_export.py writes them for cron and systemd.
+(pipelines/schedule/cron.py); pipelines/schedule/schedule_export.py writes them for cron and systemd.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from pipelines import cron as cronlib
+from pipelines.schedule import cron as cronlib
 from pipelines.specs.spec_io import SpecError
 from pipelines.tracking import tracking
 from pipelines.tracking.tags import Tag
@@ -98,7 +98,7 @@ def _check_path(what: str, path: str) -> str:
 
 
 class CronTrigger(BaseTrigger):
-    """A crontab(5) expression in a time zone, with Vixie cron's meaning (pipelines/cron.py).
+    """A crontab(5) expression in a time zone, with Vixie cron's meaning (pipelines/schedule/cron.py).
 
     Written here (not APScheduler's `CronTrigger.from_crontab`) because APScheduler 3 reads a
     numeric day of week with 0 = Monday, ORs nothing and knows no DST rule; croniter walks the

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.settings import checked_type
-from pipelines import spec_yaml
+from pipelines.specs import spec_yaml
 from pipelines.specs.spec_io import (
     MAX_EXPERIMENT,
     MAX_NAME,

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from pipelines import spec_yaml
+from pipelines.specs import spec_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lightning_modules.settings import checked_type
-from pipelines.spec_io import MAX_NAME
+from pipelines.specs.spec_io import MAX_NAME
 
 
 class _Strict(BaseModel):

@@ -20,8 +20,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines.guarded_sampler import GuardedSampler
 from pipelines.specs.tune_spec import PrunerSpec, SamplerSpec
+from pipelines.study.guarded_sampler import GuardedSampler
 from pipelines.tracking import tracking
 from pipelines.tracking.tags import Attr, Tag
 
@@ -42,7 +42,7 @@ def heartbeat_seconds() -> int:
 
     A worker silent for 3 intervals is dead: its trial is failed and retried.
     """
-    from pipelines import environment
+    from pipelines.specs import environment
 
     return environment.heartbeat_seconds()
 

@@ -31,11 +31,11 @@ from rich.table import Table
 from pipelines.errors import reason
 from pipelines.execution import notebook, resume
 from pipelines.execution.run import run_training
-from pipelines.guarded_sampler import SamplerFailed
 from pipelines.kernels.env import ENV_PID
 from pipelines.specs.spec import Spec, SpecError
 from pipelines.specs.tune_spec import Categorical, FloatRange, IntRange, TuneSpec
 from pipelines.study import study as studies
+from pipelines.study.guarded_sampler import SamplerFailed
 from pipelines.tracking import tracking
 from pipelines.tracking.tags import Attr, Tag
 

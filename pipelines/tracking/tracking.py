@@ -22,8 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
-from pipelines import driver
 from pipelines.errors import TrackingUnavailable, reason
+from pipelines.tracking import driver
 from pipelines.tracking.tags import Tag
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -293,7 +293,7 @@ def start_run(
 ) -> str:
     """Create a RUNNING run (nested under `parent_run_id` if given) and return its id.
 
-    This process becomes the run's driver (pipelines/driver.py): tagged with who it is, it
+    This process becomes the run's driver (pipelines/tracking/driver.py): tagged with who it is, it
     heart-beats the run until `finish_run`, so a later command can tell when it died.
     """
     experiment_id = ensure_experiment(mlflow, experiment_name)

@@ -25,10 +25,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines import champion, socket_claim
-from pipelines import study as studies
-from pipelines.spec import PROJECT_ROOT
-from pipelines.tune_spec import SamplerSpec
+from pipelines.kernels import socket_claim
+from pipelines.specs.spec import PROJECT_ROOT
+from pipelines.specs.tune_spec import SamplerSpec
+from pipelines.study import study as studies
+from pipelines.tracking import champion
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
 from tests.test_scale_out import database  # noqa: F401 - fresh PostgreSQL databases, dropped after
 
@@ -92,7 +93,7 @@ def test_10_a_kernel_server_never_takes_a_file_or_a_live_socket_and_removes_only
         second = labbook("kernel-server", "--socket", str(path))
         assert second.returncode == 2 and "already listening" in second.stderr, second.stderr
         racing = subprocess.run(
-            [sys.executable, "-m", "pipelines.kernel_fork", "--listen", str(path)],
+            [sys.executable, "-m", "pipelines.kernels.kernel_fork", "--listen", str(path)],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert racing.returncode == 2 and "already listening" in racing.stderr, racing.stderr[-2000:]
@@ -169,7 +170,7 @@ def test_7_a_trial_draws_from_its_own_seed_however_many_processes_sample(name: s
 
 _PROMOTER = """
 import json, os, sys, time
-from pipelines.champion import promote
+from pipelines.tracking.champion import promote
 run_id, folder, rounds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
 while not os.path.exists(os.path.join(folder, "go")):
@@ -363,7 +364,7 @@ def test_6_a_new_study_never_resumes_another_studys_training(store: str, tmp_pat
 
 
 def test_6_a_held_checkpoint_folder_is_never_given_to_a_second_training(tmp_path: Path) -> None:
-    from pipelines import resume
+    from pipelines.execution import resume
 
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     first = resume.claim(uri, "e/spec-1")

@@ -21,8 +21,8 @@ import optuna
 import pytest
 import yaml
 
-from pipelines import driver, tracking
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
+from pipelines.tracking import driver, tracking
 from tests.conftest import LABBOOK, labbook
 
 TINY = {
@@ -302,7 +302,7 @@ def _metric_notebook(tmp_path: Path) -> Path:
 def test_4_a_read_only_store_is_read_and_run_says_it_is_read_only(
     tmp_path: Path, mounted: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines.run import run_notebook
+    from pipelines.execution.run import run_notebook
 
     writable = tmp_path / "store"
     uri = f"sqlite:///{writable / 'mlflow.db'}"
@@ -367,7 +367,7 @@ def test_5_a_killed_study_driver_s_trial_ends_fail_in_mlflow_as_in_optuna(store:
 def test_5_a_fail_trial_whose_run_says_finished_is_reconciled_when_the_study_resumes(
     store: str, tmp_path: Path
 ) -> None:
-    from pipelines import study as studies
+    from pipelines.study import study as studies
 
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)

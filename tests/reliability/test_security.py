@@ -27,7 +27,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.launch import trusted_connection, untrusted_socket
-from pipelines.spec import PROJECT_ROOT
+from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK, labbook
 
 SPECS = PROJECT_ROOT / "pipelines"
@@ -321,7 +321,7 @@ def test_3_a_pipelines_notebook_step_is_checked_the_same_way(tmp_path: Path) -> 
 
 def test_3_a_notebook_that_fails_to_load_at_run_time_stores_no_contents_in_its_error_tag(store: str) -> None:
     """Past validation (a file swapped after `validate`, a rerun): the run fails, its tag says why, not what."""
-    from pipelines.run import run_notebook
+    from pipelines.execution.run import run_notebook
 
     result = run_notebook(Path("/etc/passwd"), {}, "leaks")
     run = MlflowClient(store).get_run(result.run_id)
@@ -334,7 +334,7 @@ def test_3_error_lines_and_tags_are_bounded_one_line(store: str) -> None:
     done = labbook("rerun", "f" * 5000)  # MLflow's message quotes the id whole
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert len(done.stderr.strip()) <= len("error: ") + 500, len(done.stderr)
-    from pipelines import tracking
+    from pipelines.tracking import tracking
 
     client = MlflowClient(store)
     run_id = tracking.start_run(client, "bounded")
@@ -428,7 +428,7 @@ def test_4_labbook_server_auth_makes_its_users_database_and_settings_private(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`labbook server --auth` shares `labbook ui --auth`'s code (started for real above): same files, same modes."""
-    from pipelines.server import server_command
+    from pipelines.tracking.server import server_command
 
     monkeypatch.chdir(tmp_path)
     users = tmp_path / "elsewhere" / "users.db"

@@ -1,7 +1,7 @@
 """Schedules written for the system's scheduler: crontab(5) lines and systemd units.
 
 Both run `labbook run SPEC --trigger scheduled --schedule-id ID` in the schedule's folder, at the
-times `labbook scheduler` fires it (pipelines/cron.py has the one meaning of an expression):
+times `labbook scheduler` fires it (pipelines/schedule/cron.py has the one meaning of an expression):
 
 - crontab: the expression as written (system cron reads the same text, in the machine's time
   zone: a schedule in another zone is written commented out, with the reason), the command
@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from pipelines import cron as cronlib
-from pipelines.schedule import Schedule
+from pipelines.schedule import cron as cronlib
+from pipelines.schedule.schedule import Schedule
 
 _SYSTEMD_DAYS = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")
 _UTC_NAMES = {"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Etc/Zulu", "Zulu", "Etc/GMT", "GMT", "Etc/GMT0"}

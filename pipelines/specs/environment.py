@@ -56,7 +56,8 @@ def store_url(name: str) -> str | None:
 
 def readers() -> dict[str, Callable[[], object]]:
     """Each `LABBOOK_*` variable a user may set → the function that reads (and checks) it."""
-    from pipelines import driver, launch
+    from pipelines import launch
+    from pipelines.tracking import driver
 
     return {
         HEARTBEAT_ENV: heartbeat_seconds,

@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from pipelines.spec_io import SpecError
+from pipelines.specs.spec_io import SpecError
 
 MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")

@@ -1,7 +1,7 @@
 """`labbook reap`: close the runs whose driver died, and the kernel files their kernels left.
 
 A run stays RUNNING when the process driving it is `kill -9`ed or its machine is lost: nothing
-else closes it. Here every RUNNING run whose driver is provably gone (pipelines/driver.py) is
+else closes it. Here every RUNNING run whose driver is provably gone (pipelines/tracking/driver.py) is
 closed FAILED "driver died: …", its executed-so-far notebook (papermill writes it to the run's
 output folder after every cell) attached, and a trial's run tagged `labbook.trial_state=FAIL`
 (Optuna fails the trial when its heartbeat stops). `labbook run`, `tune`, `worker`, `compare`
@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from pipelines import driver, tracking
+from pipelines.tracking import driver, tracking
 
 CONNECTION_FILE_MIN_AGE = 30.0  # seconds: a younger file may belong to a kernel still starting
 
@@ -110,7 +110,7 @@ def _attach_partial(client: MlflowClient, uri: str, run_id: str) -> str | None:
         with contextlib.suppress(Exception):  # the run is closed already; a notebook is a bonus
             client.log_artifact(run_id, str(ipynb), "notebook")
             attached = str(ipynb)
-            from pipelines.notebook import render_html
+            from pipelines.execution.notebook import render_html
 
             client.log_artifact(run_id, str(render_html(ipynb)), "notebook")
     return attached
