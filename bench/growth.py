@@ -61,6 +61,7 @@ from pipelines.specs.spec import hyperparameters, load_spec  # noqa: E402
 from pipelines.specs.tune_spec import PrunerSpec  # noqa: E402
 from pipelines.study import tune  # noqa: E402
 from pipelines.tracking import tracking  # noqa: E402
+from pipelines.tracking.tags import Tag  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -179,9 +180,7 @@ def kernel_side(
     started = time.perf_counter()
     client = tracking.client(parameters["tracking_uri"])
     run_id = parameters["run_id"]
-    tracking.log_params(
-        client, run_id, hyperparameters(parameters), tags={f"{tracking.TAG_PREFIX}python_executable": sys.executable}
-    )
+    tracking.log_params(client, run_id, hyperparameters(parameters), tags={Tag.PYTHON_EXECUTABLE: sys.executable})
     callback = in_notebook.pruning_callback(parameters)
     trial = callback._trial  # the Trial Optuna's callback reports to (its own attribute)
     error = None
@@ -337,11 +336,11 @@ def bulk_runs(
             "mlflow.parentRunId": parent,
             "mlflow.source.name": "notebooks/train.ipynb",
             "mlflow.source.type": "NOTEBOOK",
-            f"{tracking.TAG_PREFIX}study_name": study_name,
-            f"{tracking.TAG_PREFIX}trial_number": str(i),
-            f"{tracking.TAG_PREFIX}trial_state": "COMPLETE",
-            f"{tracking.TAG_PREFIX}spec": "bench_trial",
-            f"{tracking.TAG_PREFIX}seed": "42",
+            Tag.STUDY_NAME: study_name,
+            Tag.TRIAL_NUMBER: str(i),
+            Tag.TRIAL_STATE: "COMPLETE",
+            Tag.SPEC: "bench_trial",
+            Tag.SEED: "42",
         }.items():
             tags.append({"key": key, "value": value, "run_uuid": run_id})
         p = {"lr": 10 ** rng.uniform(-4, -2), "weight_decay": 10 ** rng.uniform(-6, -2)}

@@ -6,16 +6,17 @@ inside functions. `lightning_modules/` sits below all of it and imports nothing 
 
     layer  package                      owns
     0      errors.py                    errors the CLI words for users (no MLflow, no torch)
-    1      specs/                       YAML -> validated spec objects (pydantic)
-    2      tracking/                    MLflow glue, tag names (tags.py), records, registry, server
-    3      study/study.py               Optuna glue: storage, sampler, pruner, budget
+    1      specs/                       YAML -> validated spec objects (pydantic); every LABBOOK_* variable
+    2      tracking/                    MLflow glue, tag names (tags.py), records, registry, server, run drivers
+    3      study/study.py               Optuna glue: storage, sampler, pruner, budget (and guarded_sampler.py)
     4      nb/                          what notebook kernels import; no papermill, no orchestration
-    4      kernels/                     warm kernel pool, fork server, their environment (env.py)
-    5      execution/                   a notebook executed into a run (papermill); run, rerun, script
+    4      kernels/                     warm kernel pool, fork server, its socket, their environment (env.py)
+    5      execution/                   a notebook executed into a run (papermill); run, rerun, script, reap
     5      reports/                     recorded runs read back: compare, diff
     6      study/                       the study driver (tune.py) and seed-robust selection
     7      pipeline/                    pipelines of steps
-    8      schedule/                    the scheduler
+    7      launchers/                   studies and trainings run elsewhere: SLURM (sbatch, job arrays, srun)
+    8      schedule/                    the scheduler, cron expressions, crontab/systemd export
     9      cli/                         the `labbook` command; nothing imports it back
     10     launch.py                    the console entry point (forks commands via a kernel server)
 

@@ -51,4 +51,4 @@ def _bounded(text: str) -> str:
     if len(line) <= LIMIT:
         return line
     head = LIMIT * 2 // 3
-    return f"{line[:head]} … {line[-(LIMIT - head - 3):]}"
+    return f"{line[:head]} … {line[-(LIMIT - head - 3) :]}"

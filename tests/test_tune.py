@@ -443,9 +443,9 @@ class _BrokenSampler(optuna.samplers.RandomSampler):
 def test_a_sampler_exception_fails_its_trial_not_the_study(
     store: str, optuna_url: str, where: str, reason: str
 ) -> None:
-    from pipelines.study import study as studies
     from pipelines.study.guarded_sampler import GuardedSampler
     from pipelines.study.tune import TrialFailed, _Worker, create, open_study
+    from pipelines.tracking.tags import Attr
 
     handle = open_study(load_spec(SPECS / "regression_tune.yaml"), n_trials=2, storage=optuna_url)
     study, parent = create(handle)
@@ -456,4 +456,4 @@ def test_a_sampler_exception_fails_its_trial_not_the_study(
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     for trial in study.trials:
         assert trial.user_attrs["error"] == reason
-        assert studies.RUN_ID_ATTR not in trial.user_attrs  # nothing was trained with no parameters
+        assert Attr.RUN_ID not in trial.user_attrs  # nothing was trained with no parameters

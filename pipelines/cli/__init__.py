@@ -8,8 +8,8 @@ by name (`--commands pipelines.cli:app`), not by import. Heavy imports stay insi
 
     common.py     the Typer app, consoles, shared options, `reported()` (errors -> exit codes)
     runs.py       validate, script, run (a spec or a pipeline)
-    studies.py    tune, worker
-    history.py    compare, rerun, diff
+    studies.py    tune, worker, jobs
+    history.py    compare, rerun, diff, reap
     servers.py    ui, server, kernel-server
     schedules.py  schedule add|list|remove|export, scheduler
 """

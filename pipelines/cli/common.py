@@ -181,9 +181,7 @@ LauncherOpt = Annotated[
     str | None, typer.Option(help="local (default) or slurm: where the work runs (default: the spec's launcher:).")
 ]
 PartitionOpt = Annotated[str | None, typer.Option(help="SLURM partition (default: the spec's, else the cluster's).")]
-TimeOpt = Annotated[
-    str | None, typer.Option("--time", help="SLURM time limit per job: minutes, H:MIN:SEC or D-H:MIN.")
-]
+TimeOpt = Annotated[str | None, typer.Option("--time", help="SLURM time limit per job: minutes, H:MIN:SEC or D-H:MIN.")]
 MemOpt = Annotated[str | None, typer.Option(help="SLURM memory per node, e.g. 8G.")]
 
 

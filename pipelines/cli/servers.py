@@ -13,7 +13,6 @@ from pipelines.cli.common import (
     COMMANDS,
     app,
     close_dead_runs,
-    fail,
     out,
     reported,
     serve,

@@ -2,6 +2,7 @@
 
 Owns: executing and attaching a notebook (notebook.py), `labbook run` (run.py), resumable
 checkpoints (resume.py), `labbook rerun` (rerun.py), notebook -> script for torchrun
-(script.py). May import: `pipelines/specs/`, `pipelines/tracking/`, `pipelines/kernels/`,
+(script.py), `labbook reap`: runs whose driver died closed with their partial notebook
+(reap.py). May import: `pipelines/specs/`, `pipelines/tracking/`, `pipelines/kernels/`,
 papermill, nbconvert. Never imported by a notebook kernel (`pipelines/nb/` is what they use).
 """

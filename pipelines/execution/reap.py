@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 from pipelines.tracking import driver, tracking
+from pipelines.tracking.tags import Tag
 
 CONNECTION_FILE_MIN_AGE = 30.0  # seconds: a younger file may belong to a kernel still starting
 
@@ -97,8 +98,8 @@ def _close(client: MlflowClient, uri: str, run: Run, reason: str) -> tuple[bool,
     except Exception as exc:  # noqa: BLE001 - a store that takes no writes: say so, close nothing
         return False, f"not closed ({tracking.store_problem(exc, uri) or type(exc).__name__}): {reason}", None
     with contextlib.suppress(Exception):
-        if tracking.TRIAL_STATE_TAG in again.data.tags:
-            client.set_tag(run_id, tracking.TRIAL_STATE_TAG, "FAIL")
+        if Tag.TRIAL_STATE in again.data.tags:
+            client.set_tag(run_id, Tag.TRIAL_STATE, "FAIL")
     return True, reason, _attach_partial(client, uri, run_id)
 
 

@@ -159,6 +159,6 @@ def _content(path: Path) -> dict[str, str]:
     """The notebook's content hash as a tag (what `labbook rerun` checks); none if it cannot be read
     (the run then fails on it, saying why)."""
     try:
-        return {tracking.NOTEBOOK_SHA256_TAG: tracking.notebook_sha256(path.read_bytes())}
+        return {Tag.NOTEBOOK_SHA256: tracking.notebook_sha256(path.read_bytes())}
     except OSError:
         return {}

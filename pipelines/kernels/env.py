@@ -1,6 +1,7 @@
 """What every labbook process reads from its environment about kernels and forked commands.
 
-Standard library only: `pipelines.launch` (the `labbook` entry point, which must start fast)
+Standard library only (and `pipelines/specs/environment.py`, which imports no more, where every
+LABBOOK_* variable is read): `pipelines.launch` (the `labbook` entry point, which must start fast)
 imports it, and so do the kernel pool, the fork server and the study driver. It lived in
 `launch.py` until issue 24; the kernel modules importing it from there made them import the
 entry point, and through it the CLI, back.
@@ -15,8 +16,10 @@ import struct
 import sys
 from pathlib import Path
 
-ENV_SERVER = "LABBOOK_KERNEL_SERVER"
-ENV_FORK = "LABBOOK_FORK_KERNELS"
+from pipelines.specs import environment
+
+ENV_SERVER = environment.KERNEL_SERVER_ENV
+ENV_FORK = environment.FORK_KERNELS_ENV
 ENV_PID = "LABBOOK_COMMAND_PID"  # the pid the user started: what a forked command calls itself
 
 
@@ -34,12 +37,7 @@ def quiet_defaults() -> None:
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
 
-def fork_enabled() -> bool:
-    """`LABBOOK_FORK_KERNELS` (default 1): fork kernels (and commands) from one warm process."""
-    raw = os.environ.get(ENV_FORK, "1").strip().lower()
-    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise ValueError(f"{ENV_FORK}={raw!r}: expected 1 or 0")
-    return raw in ("1", "true", "yes", "")
+fork_enabled = environment.fork_kernels  # `LABBOOK_FORK_KERNELS` (default 1): fork kernels and commands
 
 
 def server_path() -> str | None:

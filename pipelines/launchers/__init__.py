@@ -5,7 +5,9 @@ training as one `sbatch` job whose `srun` tasks are Lightning's DDP ranks, and `
 (which runs and trials are on which job). It owns every call to `sbatch`, `squeue`, `sinfo`,
 `scontrol` and `scancel`, and checks the user's SLURM settings before anything is created.
 
-Imports: the standard library, submitit, and `pipelines` orchestration (tune, run, script,
-tracking, study, spec); nothing in `pipelines` imports this package except the CLI and the
-pipeline runner, and only inside the functions that launch.
+Owns: launching labbook's work on a cluster (`slurm.py`: sbatch, job arrays, srun DDP ranks,
+requeue) and reporting which runs ran on which job. May import: the standard library, submitit,
+and the layers below (`pipelines/specs/`, `pipelines/tracking/`, `pipelines/study/`,
+`pipelines/execution/`); imported only by `pipelines/cli/` (layer 7 of `pipelines/__init__.py`,
+beside `pipelines/pipeline/`), and only inside the functions that launch.
 """

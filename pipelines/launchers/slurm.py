@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.specs.spec_io import SpecError
+from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 LIVE = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED"}
 )
-JOB_TAG = "labbook.slurm_job_id"  # on every run created inside a SLURM job (`tracking.scheduler_tags`)
+JOB_TAG = Tag.SLURM_JOB_ID  # on every run created inside a SLURM job (`tracking.scheduler_tags`)
 RESUBMITS = 2  # new worker arrays the driver submits when every task ended with budget left
 POLL_SECONDS = 2.0
 
@@ -328,11 +329,11 @@ def jobs(limit: int = 100) -> list[JobRow]:
     rows = []
     for run in runs:
         tags = run.data.tags
-        study = tags.get(f"{tracking.TAG_PREFIX}study_name")
-        if tags.get(f"{tracking.TAG_PREFIX}kind") == "study":
+        study = tags.get(Tag.STUDY_NAME)
+        if tags.get(Tag.KIND) == "study":
             what = f"study {study}"
-        elif study and f"{tracking.TAG_PREFIX}trial_number" in tags:
-            what = f"trial {tags[f'{tracking.TAG_PREFIX}trial_number']} of study {study}"
+        elif study and Tag.TRIAL_NUMBER in tags:
+            what = f"trial {tags[Tag.TRIAL_NUMBER]} of study {study}"
         else:
             what = f"run {run.info.run_name}"
         for job in tags[JOB_TAG].split(","):
@@ -408,9 +409,9 @@ def submit_training(
         spec.experiment_name,
         run_name=name,
         tags={
-            f"{tracking.TAG_PREFIX}spec": spec.name,
-            f"{tracking.TAG_PREFIX}launcher": "slurm",
-            **({f"{tracking.TAG_PREFIX}spec_path": str(spec_path)} if spec_path else {}),
+            Tag.SPEC: spec.name,
+            Tag.LAUNCHER: "slurm",
+            **({Tag.SPEC_PATH: str(spec_path)} if spec_path else {}),
             **tracking.provenance_tags(spec.trainer.seed, spec.notebook),
         },
     )

@@ -1,6 +1,8 @@
 """Every `LABBOOK_*` environment variable labbook reads, with what it accepts, checked up front.
 
-Each variable has one reader (here, or in the module that owns it); `check()` runs them all
+Each variable has one reader, here (the kernel modules and the run driver, `pipelines/kernels/env.py`
+and `pipelines/tracking/driver.py`, take theirs from here: this module imports no other labbook module,
+so every layer may import it); `check()` runs them all
 before a command writes anything, so `LABBOOK_HEARTBEAT_SECONDS=abc` is one line and exit 2 at
 the start, not a traceback minutes into a study. `tests/test_spec.py` fails when a module reads
 a `LABBOOK_*` variable that is not listed in `readers()`.
@@ -15,6 +17,10 @@ HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
 WARM_KERNELS_ENV = "LABBOOK_WARM_KERNELS"
 OPTUNA_STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
 SCHEDULER_DB_ENV = "LABBOOK_SCHEDULER_DB"
+FORK_KERNELS_ENV = "LABBOOK_FORK_KERNELS"  # pipelines.kernels.env.ENV_FORK
+KERNEL_SERVER_ENV = "LABBOOK_KERNEL_SERVER"  # pipelines.kernels.env.ENV_SERVER
+RUN_HEARTBEAT_ENV = "LABBOOK_RUN_HEARTBEAT_SECONDS"  # pipelines.tracking.driver.HEARTBEAT_ENV
+RUN_HEARTBEAT_SECONDS = 30
 # Set by labbook itself for the processes it starts, never by a user: not checked.
 INTERNAL = frozenset({"LABBOOK_COMMAND_PID"})
 
@@ -39,6 +45,25 @@ def warm_kernels() -> int:
     return whole_number(WARM_KERNELS_ENV, 1, 0, 64)
 
 
+def fork_kernels() -> bool:
+    """`LABBOOK_FORK_KERNELS` (default 1): fork kernels (and commands) from one warm process."""
+    raw = os.environ.get(FORK_KERNELS_ENV, "1").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise ValueError(f"{FORK_KERNELS_ENV}={raw!r}: expected 1 or 0")
+    return raw in ("1", "true", "yes", "")
+
+
+def run_heartbeat_seconds() -> int:
+    """`LABBOOK_RUN_HEARTBEAT_SECONDS`, else 30 (a run driver's heartbeat). Raises ValueError (one line)
+    unless a whole number 1..3600."""
+    raw = os.environ.get(RUN_HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return RUN_HEARTBEAT_SECONDS
+    if not raw.isdigit() or not 1 <= int(raw) <= 3600:
+        raise ValueError(f"{RUN_HEARTBEAT_ENV}={raw[:40]!r}: expected a whole number of seconds from 1 to 3600")
+    return int(raw)
+
+
 def store_url(name: str) -> str | None:
     """`name` as a database URL SQLAlchemy can open (sqlite:///..., postgresql://...), or None when unset."""
     raw = os.environ.get(name, "").strip()
@@ -56,17 +81,14 @@ def store_url(name: str) -> str | None:
 
 def readers() -> dict[str, Callable[[], object]]:
     """Each `LABBOOK_*` variable a user may set → the function that reads (and checks) it."""
-    from pipelines import launch
-    from pipelines.tracking import driver
-
     return {
         HEARTBEAT_ENV: heartbeat_seconds,
         WARM_KERNELS_ENV: warm_kernels,
         OPTUNA_STORAGE_ENV: lambda: store_url(OPTUNA_STORAGE_ENV),
         SCHEDULER_DB_ENV: lambda: store_url(SCHEDULER_DB_ENV),
-        launch.ENV_FORK: launch.fork_enabled,
-        launch.ENV_SERVER: lambda: None,  # checked where it is used: whose socket it is (launch.server_path)
-        driver.HEARTBEAT_ENV: driver.heartbeat_seconds,
+        FORK_KERNELS_ENV: fork_kernels,
+        KERNEL_SERVER_ENV: lambda: None,  # checked where it is used: whose socket it is (kernels.env.server_path)
+        RUN_HEARTBEAT_ENV: run_heartbeat_seconds,
     }
 
 

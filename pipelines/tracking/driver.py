@@ -8,7 +8,9 @@ time from /proc, so a reused pid is not taken for the driver) and a heartbeat it
 only when that is provable: on the same machine, none of its processes lives; elsewhere, its
 heartbeat is older than 10 intervals. A live driver on another machine is never touched.
 
-Imports only the standard library (the heartbeat thread is handed an MLflow client).
+Imports only the standard library, the tag names (`pipelines/tracking/tags.py`) and where
+LABBOOK_* variables are read (`pipelines/specs/environment.py`); the heartbeat thread is handed
+an MLflow client.
 Written by hand: MLflow has no notion of a run's owner process or of liveness.
 """
 
@@ -22,26 +24,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-PREFIX = "labbook.driver."
-HOST_TAG = f"{PREFIX}host"
-MACHINE_TAG = f"{PREFIX}machine"  # boot id and pid namespace: same host name, same process table?
-PROCESSES_TAG = f"{PREFIX}processes"  # "pid:start,pid:start": the user's process and this one
-HEARTBEAT_TAG = f"{PREFIX}heartbeat"  # unix seconds of the driver's last beat
-INTERVAL_TAG = f"{PREFIX}heartbeat_seconds"
-HEARTBEAT_ENV = "LABBOOK_RUN_HEARTBEAT_SECONDS"
-HEARTBEAT_SECONDS = 30
+from pipelines.specs import environment
+from pipelines.tracking.tags import Tag
+
+PREFIX = Tag.DRIVER_PREFIX
+HOST_TAG = Tag.DRIVER_HOST
+MACHINE_TAG = Tag.DRIVER_MACHINE
+PROCESSES_TAG = Tag.DRIVER_PROCESSES
+HEARTBEAT_TAG = Tag.DRIVER_HEARTBEAT
+INTERVAL_TAG = Tag.DRIVER_HEARTBEAT_SECONDS
+HEARTBEAT_ENV = environment.RUN_HEARTBEAT_ENV
+HEARTBEAT_SECONDS = environment.RUN_HEARTBEAT_SECONDS
 STALE_INTERVALS = 10  # another machine's driver is dead once this many beats are missing
 COMMAND_PID_ENV = "LABBOOK_COMMAND_PID"  # launch.py: the pid the user started, for a forked command
 
 
-def heartbeat_seconds() -> int:
-    """`LABBOOK_RUN_HEARTBEAT_SECONDS`, else 30. Raises ValueError (one line) unless a whole number 1..3600."""
-    raw = os.environ.get(HEARTBEAT_ENV, "").strip()
-    if not raw:
-        return HEARTBEAT_SECONDS
-    if not raw.isdigit() or not 1 <= int(raw) <= 3600:
-        raise ValueError(f"{HEARTBEAT_ENV}={raw[:40]!r}: expected a whole number of seconds from 1 to 3600")
-    return int(raw)
+# `LABBOOK_RUN_HEARTBEAT_SECONDS`, else 30. Raises ValueError (one line) unless a whole number 1..3600.
+heartbeat_seconds = environment.run_heartbeat_seconds
 
 
 def start_time(pid: int) -> str | None:

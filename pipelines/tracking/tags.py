@@ -21,7 +21,8 @@ class Tag:
     TORCH_VERSION = PREFIX + "torch_version"
     LIGHTNING_VERSION = PREFIX + "lightning_version"
     MLFLOW_VERSION = PREFIX + "mlflow_version"
-    NOTEBOOK = PREFIX + "notebook"
+    NOTEBOOK = PREFIX + "notebook"  # the source notebook a run executed, relative to the project when inside
+    NOTEBOOK_SHA256 = PREFIX + "notebook_sha256"  # its content then: `labbook rerun` runs only that
     SEED = PREFIX + "seed"
     PYTHON_EXECUTABLE = PREFIX + "python_executable"
     DATA_FINGERPRINT = PREFIX + "data_fingerprint"
@@ -30,6 +31,7 @@ class Tag:
     SPEC = PREFIX + "spec"
     SPEC_PATH = PREFIX + "spec_path"
     KIND = PREFIX + "kind"  # study, confirm, pipeline
+    LAUNCHER = PREFIX + "launcher"  # slurm: the run was launched on a cluster
     ERROR = PREFIX + "error"
     PRUNED = PREFIX + "pruned"
     MODEL_URI = PREFIX + "model_uri"
@@ -39,12 +41,21 @@ class Tag:
     RERUN_VERDICT = PREFIX + "rerun_verdict"
     RERUN_CHANGED = PREFIX + "rerun_changed"
     OUTPUT_PREFIX = PREFIX + "output."  # a notebook's outputs for later steps, as JSON: output.<key>
+    SLURM_JOB_ID = PREFIX + "slurm_job_id"  # the SLURM job a run ran in: `12_3` for task 3 of array 12
+
+    # A run's driver (tracking/driver.py): who drives it, and whether that driver still lives.
+    DRIVER_PREFIX = PREFIX + "driver."
+    DRIVER_HOST = DRIVER_PREFIX + "host"
+    DRIVER_MACHINE = DRIVER_PREFIX + "machine"  # boot id and pid namespace: same host name, same process table?
+    DRIVER_PROCESSES = DRIVER_PREFIX + "processes"  # "pid:start,pid:start": the user's process and this one
+    DRIVER_HEARTBEAT = DRIVER_PREFIX + "heartbeat"  # unix seconds of the driver's last beat
+    DRIVER_HEARTBEAT_SECONDS = DRIVER_PREFIX + "heartbeat_seconds"
 
     # Studies and their trials.
     STUDY_NAME = PREFIX + "study_name"
     STORAGE = PREFIX + "storage"
     TRIAL_NUMBER = PREFIX + "trial_number"
-    TRIAL_STATE = PREFIX + "trial_state"
+    TRIAL_STATE = PREFIX + "trial_state"  # a trial's run: RUNNING, then COMPLETE, PRUNED or FAIL as Optuna holds it
     BEST_TRIAL = PREFIX + "best_trial"
     BEST_RUN_ID = PREFIX + "best_run_id"
     BEST_BY_MEAN_TRIAL = PREFIX + "best_by_mean_trial"

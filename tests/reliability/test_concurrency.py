@@ -30,6 +30,7 @@ from pipelines.specs.spec import PROJECT_ROOT
 from pipelines.specs.tune_spec import SamplerSpec
 from pipelines.study import study as studies
 from pipelines.tracking import champion
+from pipelines.tracking.tags import Attr
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
 from tests.test_scale_out import database  # noqa: F401 - fresh PostgreSQL databases, dropped after
 
@@ -140,7 +141,7 @@ def test_7_two_drivers_of_one_study_sample_apart(store: str, tmp_path: Path) -> 
         assert driver.returncode == 0, stderr[-3000:]
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     trials = optuna.load_study(study_name="regression_tune", storage=storage).trials
-    run = [t for t in trials if not t.user_attrs.get(studies.OVER_BUDGET_ATTR)]
+    run = [t for t in trials if not t.user_attrs.get(Attr.OVER_BUDGET)]
     assert len(run) == 4 and all(t.state.name == "COMPLETE" for t in run), [t.state.name for t in trials]
     assert len({t.user_attrs["worker"] for t in run}) == 2  # both drivers ran trials
     assert len({t.params["lr"] for t in run}) == 4, [t.params for t in run]  # none sampled twice

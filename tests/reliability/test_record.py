@@ -23,6 +23,7 @@ import yaml
 
 from pipelines.specs.spec import PROJECT_ROOT
 from pipelines.tracking import driver, tracking
+from pipelines.tracking.tags import Attr, Tag
 from tests.conftest import LABBOOK, labbook
 
 TINY = {
@@ -372,16 +373,16 @@ def test_5_a_fail_trial_whose_run_says_finished_is_reconciled_when_the_study_res
     storage = f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage)
     client = tracking.client(store)
-    run_id = tracking.start_run(client, "tiny", tags={tracking.TRIAL_STATE_TAG: "RUNNING"})
+    run_id = tracking.start_run(client, "tiny", tags={Tag.TRIAL_STATE: "RUNNING"})
     tracking.finish_run(client, run_id)  # FINISHED, as Lightning's logger left it
     trial = study.ask()
-    trial.set_user_attr(studies.RUN_ID_ATTR, run_id)
+    trial.set_user_attr(Attr.RUN_ID, run_id)
     trial.set_user_attr("error", "worker host:1 died (no heartbeat); trial retried")
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     studies.reconcile_runs(optuna.load_study(study_name="s", storage=storage))
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert run.data.tags[tracking.TRIAL_STATE_TAG] == "FAIL"
+    assert run.data.tags[Tag.TRIAL_STATE] == "FAIL"
     assert run.data.tags["labbook.error"] == "worker host:1 died (no heartbeat); trial retried"
 
 
