@@ -26,7 +26,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.launch import trusted_connection, untrusted_socket
+from pipelines.kernels.env import trusted_connection, untrusted_socket
 from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK, labbook
 
