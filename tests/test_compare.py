@@ -89,3 +89,30 @@ def test_terminal_table_and_bad_format(study_runs: list[str]) -> None:
     assert "4 runs, best val_acc first" in done.stdout and "s1-trial-1" in done.stdout
     bad = labbook("compare", "--format", "xml")
     assert bad.returncode == 2 and "--format: got 'xml'" in bad.stderr
+
+
+def test_top_k_is_the_first_k_rows_of_the_whole_ranking(store: str) -> None:
+    # `--top K` is sorted and cut by the store (issue 26): it must give exactly the rows the full
+    # ranking starts with: ties in the same order, NaN and missing values last, the study's own
+    # run (here with the best value of all) never a row, the direction overridable.
+    client = MlflowClient(store)
+    parent = tracking.start_run(
+        client, "digits", "study:s2", tags={"labbook.kind": "study", "labbook.study_name": "s2"}
+    )
+    client.log_metric(parent, "val_acc", 1.0)
+    for n, acc in enumerate([0.9, float("nan"), 0.9, None, 0.5, 0.7, 0.95]):
+        run_id = tracking.start_run(
+            client, "digits", f"s2-trial-{n}", parent_run_id=parent, tags={"labbook.study_name": "s2"}
+        )
+        if acc is not None:
+            client.log_metric(run_id, "val_acc", acc)
+        client.log_metric(run_id, "val_loss", n / 10)
+        tracking.finish_run(client, run_id)
+    tracking.finish_run(client, parent)
+    for metric, ascending in (("val_acc", None), ("val_acc", True), ("val_loss", None), ("val_loss", False)):
+        whole = compare(study="s2", metric=metric, ascending=ascending)
+        assert len(whole) == 7 and parent not in set(whole["run_id"])
+        for k in range(1, 9):
+            top = compare(study="s2", metric=metric, top=k, ascending=ascending)
+            assert list(top["run_id"]) == list(whole["run_id"].head(k)), (metric, ascending, k)
+    assert compare(study="s2", metric="val_acc", top=3)["val_acc"].tolist() == [0.95, 0.9, 0.9]

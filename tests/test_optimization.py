@@ -93,5 +93,5 @@ def test_no_scheduler_keeps_lr_constant() -> None:
 
 
 def test_unknown_optimizer_is_rejected() -> None:
-    with pytest.raises(ValueError, match="optimizer must be one of sgd, adam, adamw"):
+    with pytest.raises(ValueError, match="optimizer: Input should be 'sgd', 'adam' or 'adamw'"):
         fit(epochs=1, batches=1, optimizer="lamb")

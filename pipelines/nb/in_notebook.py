@@ -335,7 +335,10 @@ def log_model(
     # in a subprocess (about 9 s of every 10 s of logging); a pt2 model needs torch alone.
     torch_version = torch.__version__.split("+")[0]
     # By run id, not inside `mlflow.start_run(run_id=...)`: leaving that block ends the run
-    # (FINISHED) while the notebook still runs; only the run's driver may close it.
+    # (FINISHED) while the notebook still runs; only the run's driver may close it. With no active
+    # run, MLflow 3 creates the logged model in the *current* experiment, and `runs:/<id>/model`
+    # finds a run's model only in the run's own experiment: make that the current one.
+    mlflow.set_experiment(experiment_id=logger.experiment.get_run(logger.run_id).info.experiment_id)
     info = mlflow.pytorch.log_model(
         module, name="model", input_example=example, pip_requirements=[f"torch=={torch_version}"], run_id=logger.run_id
     )

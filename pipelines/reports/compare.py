@@ -46,6 +46,10 @@ def compare(
     names = [experiment] if experiment else None
     if experiment and tracking.client(uri).get_experiment_by_name(experiment) is None:
         raise ValueError(f"--experiment: no experiment named {experiment!r} in {uri}")
+    if metric and top:  # the K best: sorted and cut by the store, not by fetching every run
+        best = _top_runs(names, " and ".join(filters), metric, top, ascending, study)
+        if best is not None:
+            return best
     runs = mlflow.search_runs(
         experiment_names=names, search_all_experiments=names is None, filter_string=" and ".join(filters)
     )
@@ -59,11 +63,45 @@ def compare(
         if metric not in frame.columns:
             known = sorted(c for c in frame.columns if c.startswith(("train_", "val_", "test_")))
             raise ValueError(f"--metric: no metric {metric!r} in these runs; known: {', '.join(known)}")
-        frame = frame.sort_values(
-            metric, ascending=lower_is_better(metric) if ascending is None else ascending, na_position="last"
+        frame = frame.sort_values(  # stable: ties stay newest first, as MLflow lists runs and orders `--top`
+            metric,
+            ascending=lower_is_better(metric) if ascending is None else ascending,
+            na_position="last",
+            kind="stable",
         )
     frame = frame.reset_index(drop=True)
     return frame.head(top) if top else frame
+
+
+def _top_runs(
+    names: list[str] | None, filters: str, metric: str, top: int, ascending: bool | None, study: str | None
+) -> pd.DataFrame | None:
+    """The `top` runs best by `metric`, ordered and limited by the store (MLflow's `order_by`,
+    NaN and missing values last, as pandas sorts them); None when no run returned has the metric
+    or fewer than `top` runs have a value (the caller then ranks every run, as without `top`).
+
+    Measured (bench/growth.py): fetching every run to keep 10 took `labbook compare --top 10`
+    from ~13 s on 50 runs to ~47 s on 10,000 (MLflow builds each run's params, tags and metrics).
+    One more row than asked: a study's own parent run is dropped from its trials.
+    """
+    asc = lower_is_better(metric) if ascending is None else ascending
+    runs = mlflow.search_runs(
+        experiment_names=names,
+        search_all_experiments=names is None,
+        filter_string=filters,
+        order_by=[f"metrics.`{metric}` {'ASC' if asc else 'DESC'}"],
+        max_results=top + 1,
+    )
+    if runs.empty or f"metrics.{metric}" not in runs.columns:
+        return None
+    kind = runs.get(f"tags.{tracking.TAG_PREFIX}kind")
+    if study and kind is not None:
+        runs = runs[kind.fillna("") != "study"]
+    frame = _tidy(runs)
+    if metric not in frame.columns or frame[metric].head(top).isna().any():
+        return None  # fewer than `top` runs have a value: NaN and missing then order as in the whole ranking
+    frame = frame.sort_values(metric, ascending=asc, na_position="last", kind="stable")
+    return frame.reset_index(drop=True).head(top)
 
 
 def _tidy(runs: pd.DataFrame) -> pd.DataFrame:
