@@ -174,6 +174,143 @@ def r1(repeats: int, epochs: int) -> dict[str, Any]:
     return found
 
 
+# --- R1 decomposed: what each piece of the full stack adds ----------------------------------------
+
+# Cumulative: each row is the one before plus one piece. The LR monitor needs a logger, so the
+# MLflow logger comes before it; "labbook's module" is the real LightningModule (torchmetrics
+# updated every step, logged once per epoch) in place of a bare one with the same net and loss.
+PIECES = (
+    "bare Lightning (minimal module, no validation, no logger, no callbacks)",
+    "+ validation loop",
+    "+ labbook's module (torchmetrics per step, self.log per epoch)",
+    "+ checkpointing (best and last)",
+    "+ MLflow logger (metrics per epoch)",
+    "+ LR monitor",
+    "+ pruning callback (reports to a SQLite study)",
+    "+ non-finite loss check",
+    "= full stack (as R1: + resume callback, deterministic='warn')",
+)
+
+
+class _BareModule(L.LightningModule):
+    """The raw loop's net, loss and optimizer as a LightningModule: what Lightning alone costs."""
+
+    def __init__(self, net: torch.nn.Module, loss: Callable[..., torch.Tensor], lr: float, wd: float) -> None:
+        super().__init__()
+        self.net, self.loss_of, self.lr, self.wd = net, loss, lr, wd
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return self.loss_of(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.loss_of(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.wd)
+
+
+def decomposed_fit(p: dict[str, Any], pieces: int, trial_params: Callable[[], dict[str, Any]]) -> float:
+    """Seconds in `trainer.fit` with the first `pieces` rows of PIECES (1: bare Lightning)."""
+    if pieces == len(PIECES):
+        return full_stack_fit(p)
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    L.seed_everything(p["seed"], verbose=False)
+    p = {**p, "experiment_name": "bench", "run_id": ""}
+    datamodule = build_data(p)
+    datamodule.setup()
+    module = build_model(p, datamodule)
+    if pieces < 3:
+        module = _BareModule(module.net, module.loss, p["lr"], p["weight_decay"])
+    logger = in_notebook.mlflow_logger(p) if pieces >= 5 else False
+    callbacks: list[Any] = []
+    if pieces >= 4:
+        monitor, mode = in_notebook.monitored(p, build_model(p, datamodule).monitor)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=Path(tempfile.mkdtemp()), filename="best-{epoch}", monitor=monitor, mode=mode, save_last=True
+            )
+        )
+    if pieces >= 6:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if pieces >= 7:
+        callbacks.append(in_notebook.pruning_callback(trial_params()))
+    if pieces >= 8:
+        callbacks.append(in_notebook._non_finite_loss_callback())
+    trainer = L.Trainer(
+        max_epochs=p["max_epochs"],
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=pieces >= 4,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        limit_val_batches=0 if pieces < 2 else None,
+        num_sanity_val_steps=0 if pieces < 2 else None,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    if logger:
+        tracking.finish_run(tracking.client(), logger.run_id)
+    return seconds
+
+
+def r1_decomposed(repeats: int, store: Path) -> dict[str, Any]:
+    """Every row of PIECES and the raw loop, interleaved per repeat, at batch 64 and 512 (same steps)."""
+    study_url = f"sqlite:///{store / 'optuna-r1.db'}"
+    study = optuna.create_study(study_name="r1", storage=studies.storage(study_url), direction="maximize")
+    study.set_user_attr("pruner", {"name": "none"})
+
+    def trial_params() -> dict[str, Any]:
+        trial = study.ask()
+        return {"optuna_storage": study_url, "study_name": "r1", "trial_number": trial.number, "monitor": "val_r2"}
+
+    found: dict[str, Any] = {"pieces": list(PIECES)}
+    for batch, epochs in ((64, 4), (512, 32)):
+        p = params(batch_size=batch, max_epochs=epochs)
+        times: dict[str, list[float]] = {"raw": [], **{str(i): [] for i in range(1, len(PIECES) + 1)}}
+        for r in range(repeats):
+            times["raw"].append(raw_fit(p))
+            for i in range(1, len(PIECES) + 1):
+                times[str(i)].append(decomposed_fit(p, i, trial_params))
+            say(
+                f"  R1 decomposed, batch {batch}, repeat {r + 1}/{repeats}: "
+                + " ".join(f"{k}={v[-1]:.2f}s" for k, v in times.items())
+            )
+        found[f"batch_{batch}"] = {
+            "epochs": epochs,
+            "seconds": {k: stats(v) for k, v in times.items()},
+            "ratio_to_raw": {
+                k: stats([t / raw for t, raw in zip(v, times["raw"], strict=True)])
+                for k, v in times.items()
+                if k != "raw"
+            },
+        }
+    return found
+
+
+def decomposition_table(found: dict[str, Any]) -> str:
+    """R1's pieces as a Markdown table: ratio to the raw loop (median, min) at both batch sizes."""
+    lines = [
+        "| piece (cumulative) | batch 64 ÷ raw | step | batch 512 ÷ raw | step |",
+        "|---|---|---|---|---|",
+    ]
+    previous = {64: 1.0, 512: 1.0}
+    for i, piece in enumerate(found["pieces"], start=1):
+        cells = []
+        for batch in (64, 512):
+            median = found[f"batch_{batch}"]["ratio_to_raw"][str(i)]["median"]
+            cells += [f"{median:.2f}", f"{median - previous[batch]:+.2f}"]
+            previous[batch] = median
+        lines.append(f"| {piece} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # --- R2 and R4: the same trial as a notebook and in this process -------------------------------
 
 
@@ -374,16 +511,20 @@ def r3_r7(repeats: int, store: Path, n_trials: int) -> dict[str, Any]:
 # --- R5: pruning --------------------------------------------------------------------------------
 
 
-def pruning_study(seed: int, pruned: bool, n_trials: int, max_epochs: int) -> dict[str, float]:
+def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_epochs: int) -> dict[str, float]:
+    """A TPE study of `n_trials` trials of up to `max_epochs` epochs: epochs trained and best val_r2.
+
+    `pruner`: a spec's `tune.pruner` section (built by labbook's own `study.pruner`), None for none.
+    """
     from optuna_integration import PyTorchLightningPruningCallback
 
-    # Successive halving, keeping the top quarter at each rung (1, 4, 16 epochs): the most
-    # aggressive of Optuna's pruners; Hyperband hedges with less aggressive brackets.
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=4) if pruned else None
+    from pipelines.specs.tune_spec import PrunerSpec
+
+    pruned = pruner is not None
     study = optuna.create_study(
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        pruner=pruner or optuna.pruners.NopPruner(),
+        pruner=studies.pruner(PrunerSpec(**pruner)) if pruner else optuna.pruners.NopPruner(),
     )
     epochs = 0
 
@@ -423,11 +564,16 @@ def pruning_study(seed: int, pruned: bool, n_trials: int, max_epochs: int) -> di
     return {"epochs": epochs, "best": study.best_value}
 
 
-def r5(seeds: tuple[int, ...], n_trials: int, max_epochs: int) -> dict[str, Any]:
+# The shipped tune specs' pruner (pipelines/*_tune.yaml): chosen by this ratio (README, Performance).
+R5_PRUNER: dict[str, Any] = {"name": "hyperband", "min_resource": 1, "reduction_factor": 8}
+
+
+def r5(seeds: tuple[int, ...], n_trials: int, max_epochs: int, pruner: dict[str, Any] | None = None) -> dict[str, Any]:
+    pruner = pruner or R5_PRUNER
     runs = []
     for seed in seeds:
-        full = pruning_study(seed, False, n_trials, max_epochs)
-        cut = pruning_study(seed, True, n_trials, max_epochs)
+        full = pruning_study(seed, None, n_trials, max_epochs)
+        cut = pruning_study(seed, pruner, n_trials, max_epochs)
         runs.append({"seed": seed, "no_pruning": full, "pruning": cut})
         say(
             f"  R5 seed {seed}: {full['epochs']} vs {cut['epochs']} epochs; "
@@ -437,7 +583,7 @@ def r5(seeds: tuple[int, ...], n_trials: int, max_epochs: int) -> dict[str, Any]
         "R5_epochs_ratio": stats([r["no_pruning"]["epochs"] / r["pruning"]["epochs"] for r in runs]),
         "best_no_pruning": [r["no_pruning"]["best"] for r in runs],
         "best_pruning": [r["pruning"]["best"] for r in runs],
-        "pruner": "successive halving, min_resource 1, reduction_factor 4",
+        "pruner": pruner,
         "n_trials": n_trials,
         "max_epochs": max_epochs,
         "runs": runs,
@@ -604,6 +750,16 @@ def table(results: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    if "R1_decomposed" in results:
+        found = results["R1_decomposed"]
+        lines += [
+            "",
+            f"R1 decomposed: `trainer.fit` seconds ÷ the raw loop's, median of {results['repeats']}, "
+            f"{found['batch_64']['epochs']} epochs at batch 64 and {found['batch_512']['epochs']} at 512 "
+            "(the same steps); each row adds one piece to the row above; step = what that piece added.",
+            "",
+            decomposition_table(found).rstrip(),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -612,14 +768,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="E for R1 (the long run is 4E)")
     parser.add_argument("--study-trials", type=int, default=10)
-    parser.add_argument("--only", nargs="*", default=None, help="R1 R2 R3 R5 R6 (default: all)")
+    parser.add_argument("--only", nargs="*", default=None, help="R1 R1D R2 R3 R5 R6 (default: all)")
+    parser.add_argument("--pruner", default=None, help="R5's pruner as JSON, a spec's tune.pruner (default: R5_PRUNER)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads (1 on a machine others load)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "machine": machine(),
         "repeats": args.repeats,
     }
-    wanted = set(args.only or ["R1", "R2", "R3", "R5", "R6"])
+    wanted = set(args.only or ["R1", "R1D", "R2", "R3", "R5", "R6"])
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp)
         (store / "mlruns").mkdir()
@@ -629,9 +789,12 @@ def main() -> None:
         say(f"labbook --help: {results['help_seconds']['median']:.2f}s")
         steps = {
             "R1": lambda: results.__setitem__("R1", r1(args.repeats, args.epochs)),
+            "R1D": lambda: results.__setitem__("R1_decomposed", r1_decomposed(args.repeats, store)),
             "R2": lambda: results.__setitem__("R2_R4", r2_r4(args.repeats, store)),
             "R6": lambda: results.__setitem__("R6", r6(args.repeats)),
-            "R5": lambda: results.__setitem__("R5", r5((0, 1, 2), 30, 12)),
+            "R5": lambda: results.__setitem__(
+                "R5", r5((0, 1, 2), 30, 12, json.loads(args.pruner) if args.pruner else None)
+            ),
             "R3": lambda: results.__setitem__("R3_R7", r3_r7(args.repeats, store, args.study_trials)),
         }
         for name, step in steps.items():
