@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from pipelines.errors import LIMIT, reason
 from pipelines.specs import spec_yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,7 @@ class SpecError(ValueError):
     """A spec is invalid; the message is one line naming the file and the field."""
 
 
-MAX_ERROR = 500  # characters of one error line: a value quoted in it is cut to fit
+MAX_ERROR = LIMIT  # characters of one error line: a value quoted in it is cut to fit
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -35,10 +36,9 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def bounded(message: str, limit: int = MAX_ERROR) -> str:
-    """One line of at most `limit` characters."""
-    message = " ".join(message.split())
-    return message if len(message) <= limit else f"{message[: limit - 3]}..."
+def bounded(message: str) -> str:
+    """One line of at most MAX_ERROR characters: `errors.reason`, the one place error lines are cut."""
+    return reason(message)
 
 
 def one_line(error: ValidationError, source: str) -> str:
