@@ -238,7 +238,9 @@ def decomposed_fit(p: dict[str, Any], pieces: int, trial_params: Callable[[], di
     if pieces >= 7:
         callbacks.append(in_notebook.pruning_callback(trial_params()))
     if pieces >= 8:
-        callbacks.append(in_notebook._non_finite_loss_callback())
+        from lightning_modules.callbacks import StopOnNonFiniteLoss
+
+        callbacks.append(StopOnNonFiniteLoss())
     trainer = L.Trainer(
         max_epochs=p["max_epochs"],
         accelerator="cpu",
@@ -271,7 +273,7 @@ def r1_decomposed(repeats: int, store: Path) -> dict[str, Any]:
         return {"optuna_storage": study_url, "study_name": "r1", "trial_number": trial.number, "monitor": "val_r2"}
 
     found: dict[str, Any] = {"pieces": list(PIECES)}
-    for batch, epochs in ((64, 4), (512, 32)):
+    for batch, epochs in ((64, 2), (512, 16)):
         p = params(batch_size=batch, max_epochs=epochs)
         times: dict[str, list[float]] = {"raw": [], **{str(i): [] for i in range(1, len(PIECES) + 1)}}
         for r in range(repeats):
