@@ -306,3 +306,103 @@ def test_a_kernel_server_answers_only_the_checkout_it_was_started_from() -> None
 
     assert Path(__file__).resolve().parents[1] == env.PROJECT_ROOT
     assert env.interpreter().endswith(f" for {env.PROJECT_ROOT}")
+
+
+def _start_server(socket_path: Path, *preload: str) -> subprocess.Popen:
+    """`labbook kernel-server` on `socket_path`, waited for until it listens (or has exited)."""
+    command = [str(LABBOOK), "kernel-server", "--socket", str(socket_path)]
+    command += [a for module in preload for a in ("--preload", module)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not socket_path.is_socket() and server.poll() is None:
+        assert time.monotonic() < deadline, "the kernel server did not start"
+        time.sleep(0.2)
+    return server
+
+
+def test_with_2_threads_a_preloaded_tensor_op_never_hangs_a_forked_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork of a process whose OpenMP pool has started hangs in the child's first 2-thread op
+    (measured: until killed at 60 s). The server runs its imports on 1 thread, so a preloaded
+    module's tensor op starts no pool and its kernels fork safely with 2 threads; a module that
+    starts the pool itself is refused in one line, exit 2, and kernels then start cold."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "labbook_tensor_op.py").write_text("import torch\nWEIGHTS = torch.randn(512, 512) @ torch.randn(512, 512)\n")
+    (lib / "labbook_omp_pool.py").write_text(
+        "import torch\ntorch.set_num_threads(2)\nPRODUCT = torch.randn(512, 512) @ torch.randn(512, 512)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(lib))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the server's, and every kernel's (conftest pins 1)
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    socket_path = Path(tempfile.mkdtemp(prefix="labbook-test-")) / "k.sock"
+
+    refused = _start_server(socket_path, "labbook_omp_pool")
+    _, stderr = refused.communicate(timeout=60)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1, stderr[-2000:]
+    assert "--preload labbook_omp_pool left the fork server multi-threaded" in errors[0] and len(errors[0]) <= 500
+    assert not socket_path.exists()
+
+    probe = _notebook(
+        tmp_path / "probe.ipynb",
+        "trial = 0",
+        "import os, time, torch, labbook_tensor_op\n"
+        "start = time.monotonic()\n"
+        "for _ in range(5):\n"
+        "    torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "print(os.getppid(), torch.get_num_threads(), round(time.monotonic() - start, 2))",
+    )
+    server = _start_server(socket_path, "labbook_tensor_op")
+    try:
+        assert server.poll() is None, server.communicate()[1][-2000:]
+        monkeypatch.setenv("LABBOOK_KERNEL_SERVER", str(socket_path))
+        zygote = _listening(str(socket_path))
+        for trial in range(2):
+            # In its own process, so that a hung kernel fails the test after 3 minutes instead of hanging it.
+            code = (
+                "import sys; from pathlib import Path; from pipelines.execution import notebook; "
+                "e = notebook.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'trial': int(sys.argv[3])}, None, False); "
+                "sys.exit(e.error)"
+            )
+            command = [sys.executable, "-c", code, str(probe), str(tmp_path / f"run{trial}"), str(trial)]
+            run = subprocess.run(command, capture_output=True, text=True, timeout=180)
+            assert run.returncode == 0, run.stderr[-2000:]
+            executed = nbformat.read(tmp_path / f"run{trial}" / "probe.ipynb", 4)
+            parent, threads, seconds = executed.cells[2].outputs[0]["text"].split()
+            assert (int(parent), threads) == (zygote, "2"), (parent, threads)  # forked by the server, 2 threads
+            assert float(seconds) < 30
+    finally:
+        with contextlib.suppress(AssertionError, ValueError):
+            for kernel in _children(_listening(str(socket_path))):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(kernel, signal.SIGKILL)  # a hung kernel, were there one
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.fast
+def test_the_fork_server_sees_a_started_openmp_pool_or_any_other_thread() -> None:
+    """`unsafe_threads`: None for a process running only its main thread (and jemalloc's, which
+    survives a fork); a reason once OpenMP's pool or any other thread has started."""
+    code = (
+        "import threading, time, torch\n"
+        "from pipelines.kernels.kernel_fork import unsafe_threads\n"
+        "print(unsafe_threads())\n"
+        "torch.set_num_threads(2)\n"  # torch starts OpenMP's pool here already
+        "torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "print(unsafe_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1"}
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    before, after = said.stdout.splitlines()
+    assert before == "None" and " other thread(s) run in it" in after, said.stdout + said.stderr[-2000:]
+    code = "import threading, time\nfrom pipelines.kernels.kernel_fork import unsafe_threads\n"
+    code += "t = threading.Thread(target=time.sleep, args=(1,)); t.start(); print(unsafe_threads()); t.join()\n"
+    code += "print(unsafe_threads())\n"
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert said.stdout.splitlines() == [
+        "1 other thread(s) run in it (an OpenMP or BLAS pool, or a module's own thread)",
+        "None",
+    ], said

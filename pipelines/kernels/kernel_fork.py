@@ -13,6 +13,16 @@ their processes the same way.
 Written here because neither jupyter_client nor papermill forks kernels; jupyter_client's hook
 for how a kernel process starts is the kernel provisioner, so this is a provisioner whose launch
 asks the zygote to fork, with a Popen-like handle for the rest of jupyter_client.
+
+Safe by construction: a fork copies only the thread that calls it, so a process whose other
+threads hold locks (OpenMP's worker pool, a BLAS pool) gives children that can hang on them
+(measured: a child using 2 OpenMP threads, forked after its parent ran a 2-thread matmul, hung
+until killed at 60 s). The zygote therefore runs single-threaded (`_one_thread`: OpenBLAS and
+torch pinned to 1 thread while it imports, each child then takes its own share), checks after
+its warm-up and after each `--preload` that no other thread started (`unsafe_threads`), and
+checks again before every fork. A kernel server whose preload started one refuses to start
+(exit 2); a pool's zygote then says why and its pool starts cold kernels; a fork refused later
+is started cold by the client.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from typing import Any
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import LocalProvisioner
 
+from pipelines.errors import reason
 from pipelines.kernels import socket_claim
 from pipelines.kernels.env import interpreter, trusted_connection
 
@@ -56,6 +67,10 @@ COMMAND_MODULES = (
     "pipelines.reports.compare",
     "pipelines.schedule.schedule",
 )
+# Threads a fork is known to survive: jemalloc's background thread (pyarrow's allocator, which
+# MLflow imports) is stopped before a fork and restarted in the child as needed (pthread_atfork).
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+_default_threads = 1  # torch's thread count before the zygote pinned it to 1: a child's default share
 
 
 # --- in the zygote ----------------------------------------------------------------------------
@@ -84,13 +99,22 @@ def serve(
         from pipelines.kernels.env import quiet_defaults
 
         quiet_defaults()  # as every command sets before its imports: its forked commands inherit them
+    _one_thread()
     from pipelines.kernels.warm import warm_up
 
     warm_up()
-    for name in (*preload, *(COMMAND_MODULES if listen else ())):
+    _still_one_thread("the warm-up")
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's module raised: one line, exit 2
+            _refuse_to_start(f"--preload {name}: importing it failed: {reason(exc)}")
+        _still_one_thread(f"--preload {name}")
+    for name in COMMAND_MODULES if listen else ():
         importlib.import_module(name)
     import ipykernel.kernelapp  # noqa: F401 - the kernel's own start-up modules, also shared
 
+    _still_one_thread("importing labbook's command modules")
     sources = _own_sources() if listen else {}  # only a long-lived server checks for edits
     events = selectors.DefaultSelector()
     server = None
@@ -114,7 +138,8 @@ def serve(
                     line = sys.stdin.readline()
                     if not line:
                         return  # stdin closed: the pool (or the server's starter) is gone
-                    pid = _fork(json.loads(line), [replies, server])
+                    unsafe = unsafe_threads()  # cold kernels rather than one that hangs
+                    pid = _fork(json.loads(line), [replies, server]) if unsafe is None else f"refused: {unsafe}"
                     replies.write(f"{pid}\n")
                 else:
                     assert server is not None
@@ -128,6 +153,63 @@ def serve(
             with contextlib.suppress(OSError):
                 if claimed is not None:
                     socket_claim.release(claimed)  # only while the path is still our socket
+
+
+def _one_thread() -> None:
+    """Keep the zygote single-threaded while it imports: forking is safe only then (see above).
+
+    OpenBLAS (numpy's and scipy's) starts its thread pool when it loads, so it is told to start
+    none; torch's OpenMP pool starts at the first parallel op, so torch runs on 1 thread here
+    (the warm-up's and a preloaded module's ops included). Each child sets its own share
+    (`_threads_from_env`). Must run before numpy or torch is imported; if either already was,
+    the checks below still see any pool that started.
+    """
+    global _default_threads
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    import torch
+
+    _default_threads = torch.get_num_threads()  # OMP_NUM_THREADS, else torch's default: a child's share
+    torch.set_num_threads(1)
+
+
+def unsafe_threads() -> str | None:
+    """Why forking this process now could hang the child, or None when it is safe.
+
+    Safe: no thread besides the calling one, except those in FORK_SAFE_THREADS. Any other thread
+    (OpenMP's or a BLAS pool's workers, a module's own thread) may hold a lock the child then
+    waits for forever. Where the threads cannot be listed (no /proc), forking is never safe.
+    """
+    me = threading.get_native_id()
+    try:
+        tasks = [int(task) for task in os.listdir("/proc/self/task")]
+    except OSError:
+        return "this process's threads cannot be listed (no /proc/self/task)"
+    others = 0
+    for task in tasks:
+        if task == me:
+            continue
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:
+            continue  # it has exited meanwhile
+        others += name not in FORK_SAFE_THREADS
+    if others:
+        return f"{others} other thread(s) run in it (an OpenMP or BLAS pool, or a module's own thread)"
+    return None
+
+
+def _still_one_thread(what: str) -> None:
+    """Stop the zygote before it forks anything if `what` left it multi-threaded."""
+    why = unsafe_threads()
+    if why is not None:
+        _refuse_to_start(f"{what} left the fork server multi-threaded: {why}, and a fork of it can hang")
+
+
+def _refuse_to_start(why: str) -> None:
+    """One line on stderr, exit 2: a kernel server is not started; a pool's zygote never says ready
+    (its pool then starts every kernel cold)."""
+    print(reason(f"error: {why}; kernels will start cold without this server"), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _own_sources() -> dict[str, int]:
@@ -168,6 +250,10 @@ def _answer(server: socket.socket, sources: dict[str, int], replies, commands: s
         try:
             if request.get("python") != interpreter():
                 connection.sendall(f"refused: this server runs {interpreter()}\n".encode())
+                return True
+            unsafe = unsafe_threads()
+            if unsafe is not None:  # never reached while the start-up checks hold; cold kernels, never a hang
+                connection.sendall(f"refused: cannot fork safely: {unsafe}\n".encode())
                 return True
             edited = _stale(sources)
             if edited is not None:
@@ -380,12 +466,22 @@ def _status(work: Callable[[], object]) -> int:
 
 
 def _threads_from_env() -> None:
-    """OpenMP read OMP_NUM_THREADS when torch loaded, in the zygote: set this process's share."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        import torch
+    """This child's thread share, as a cold process of its environment would take it: the zygote
+    ran on 1 thread (`_one_thread`). torch: OMP_NUM_THREADS, else the zygote's default; the BLAS
+    libraries: OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else every core this process may use."""
+    import threadpoolctl
+    import torch
 
-        torch.set_num_threads(int(threads))
+    def share(*names: str, default: int) -> int:
+        for name in names:
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+        return default
+
+    torch.set_num_threads(share("OMP_NUM_THREADS", default=_default_threads))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threadpoolctl.threadpool_limits(share("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", default=cores), user_api="blas")
 
 
 # --- in the process that starts kernels -------------------------------------------------------
