@@ -3,20 +3,23 @@
 Measured side by side in one run, the two backends interleaved step by step (both see the same
 machine load), medians over repeats:
 
-- per-trial overhead of a study at trial ~1, ~100 and ~1,000: labbook's own trial loop
+- per-trial overhead of a study at trial 1, 100 and 1,000 (the trials before written in bulk as
+  Optuna's and MLflow's own rows, then a few real trials timed from there): labbook's own trial loop
   (`tune._Worker.objective` through Optuna's `optimize`, `run_training`'s run creation with its
   tags and params, the progress line) with the notebook replaced by what the train notebook's
   kernel does to the stores (params, a pruning callback rebuilt from the storage, one
   `log_batch` + `report` + `should_prune` per epoch, the executed notebook and HTML attached):
   no training, so every second is overhead;
-- `labbook compare --study S --metric val_r2 --top 10` (the real CLI, a fresh process) on 1,000
-  and 10,000 runs, made in bulk as rows through MLflow's own table models;
+- `labbook compare --study S --metric val_r2 --top 10`, and the same ranking of every run into a
+  CSV file (the real CLI, a fresh process) on 1,000 and 10,000 runs, made in bulk as rows through
+  MLflow's own table models;
 - the study report notebook (`notebooks/report.ipynb`, papermill) on 1,000 and 10,000 trials;
 - `labbook ui`'s first page load on 1,000 and 10,000 runs in headless Chromium (time from
-  navigation until the first run's name is drawn), if /usr/bin/chromium is installed.
+  navigation until the study's row is drawn), if /usr/bin/chromium is installed.
 
-Run: `make bench-growth` (or `.venv/bin/python bench/growth.py [--trials 1000] [--runs 1000 10000]
-[--only trials compare report ui]`). Writes bench/growth.json and bench/growth.md. PostgreSQL:
+Run: `make bench-growth` (or `.venv/bin/python bench/growth.py [--trials 1 100 1000] [--window 5]
+[--runs 1000 10000] [--repeats 3] [--only trials compare report ui]`).
+Writes bench/growth.json and bench/growth.md. PostgreSQL:
 `LABBOOK_BENCH_POSTGRES` (default postgresql://postgres@127.0.0.1:5432, trust auth); fresh
 databases are created and dropped.
 """
