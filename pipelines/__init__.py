@@ -14,8 +14,8 @@ inside functions. `lightning_modules/` sits below all of it and imports nothing 
     5      execution/                   a notebook executed into a run (papermill); run, rerun, script, reap
     5      reports/                     recorded runs read back: compare, diff
     6      study/                       the study driver (tune.py) and seed-robust selection
-    7      pipeline/                    pipelines of steps
     7      launchers/                   studies and trainings run elsewhere: SLURM (sbatch, job arrays, srun)
+    8      pipeline/                    pipelines of steps (a train or tune step may run on a launcher)
     8      schedule/                    the scheduler, cron expressions, crontab/systemd export
     9      cli/                         the `labbook` command; nothing imports it back
     10     launch.py                    the console entry point (forks commands via a kernel server)

@@ -32,7 +32,7 @@ LAYERS = {
     "pipelines.execution": 5,
     "pipelines.reports": 5,
     "pipelines.study": 6,
-    "pipelines.pipeline": 7,
+    "pipelines.pipeline": 8,
     "pipelines.launchers": 7,
     "pipelines.schedule": 8,
     "pipelines.cli": 9,

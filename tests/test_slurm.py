@@ -262,11 +262,83 @@ def test_a_specs_launcher_section_launches_on_slurm_and_is_checked_like_the_flag
     spec = study_spec(tmp_path, "slurm_spec", n_trials=2)
     raw = yaml.safe_load(spec.read_text())
     for launcher, says in [
-        ({"name": "slurm", "partition": "no_such_partition"}, "--partition: got 'no_such_partition'"),
-        ({"name": "slurm", "time": "99:00:00"}, "over partition"),
+        ({"name": "slurm", "partition": "no_such_partition"}, "launcher.partition: got 'no_such_partition'"),
+        ({"name": "slurm", "time": "99:00:00"}, "launcher.time: 99:00:00 is over partition"),
+        ({"name": "slurm", "time": "soon"}, "launcher.time: got 'soon'; expected minutes"),
+        ({"name": "slurm", "mem": "999999G"}, "launcher: SLURM refuses the request"),
         ({"name": "sge"}, "launcher.name: got 'sge'; input should be 'local' or 'slurm'"),
     ]:
         spec.write_text(yaml.safe_dump(raw | {"launcher": launcher}))
         done = labbook("tune", str(spec))
-        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert done.returncode == 2 and says in done.stderr and "error: --" not in done.stderr, done.stderr
     assert not (tmp_path / "mlruns" / "optuna.db").exists()
+
+
+def slurm_pipeline(tmp_path: Path, search: dict, train: dict) -> Path:
+    """A 2-step pipeline: a study of 2 trials, then a training with its best parameters; each step's
+    `launcher:` as given."""
+    study_spec(tmp_path, "slurm_pipe", n_trials=2)
+    pipeline = {
+        "name": "slurm_pipe",
+        "report": False,
+        "steps": [
+            {"name": "search", "kind": "tune", "spec": "spec.yaml", "n_trials": 2, "workers": 2, "report": False,
+             "launcher": search},
+            {"name": "train", "kind": "train", "spec": "spec.yaml", "set": ["${search.best_params}"],
+             "launcher": train},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return path
+
+
+def test_a_pipelines_tune_and_train_steps_run_on_slurm_under_the_pipeline_run(slurm: None, store: str, tmp_path: Path):
+    """`launcher: {name: slurm, ...}` on a tune step (its workers a job array) and a train step (one
+    sbatch job): what a scheduled nightly pipeline needs to run its study on the cluster."""
+    search = {"name": "slurm", "partition": "debug", "time": "10"}
+    path = slurm_pipeline(tmp_path, search, {"name": "slurm", "time": 10})  # YAML's 10 is an int: minutes
+    done = labbook("run", str(path))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "submitted 2 workers as SLURM job array" in done.stdout and "submitted SLURM job" in done.stdout
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("slurm_pipe").experiment_id])
+    [pipeline] = [r for r in runs if r.data.tags.get("labbook.kind") == "pipeline"]
+    assert pipeline.info.status == "FINISHED"
+    [study] = [r for r in runs if r.data.tags.get("labbook.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    [train] = [r for r in runs if r.data.tags.get("labbook.step") == "train"]
+    assert study.data.tags["mlflow.parentRunId"] == pipeline.info.run_id and len(trials) == 2
+    array = study.data.tags["labbook.slurm_job_id"]
+    assert {t.data.tags["labbook.slurm_job_id"].split("_")[0] for t in trials} == {array}  # trials ran in the array
+    assert train.data.tags["mlflow.parentRunId"] == pipeline.info.run_id and train.info.status == "FINISHED"
+    assert train.data.tags["labbook.launcher"] == "slurm" and train.data.tags["labbook.slurm_job_id"] != array
+    best = optuna.load_study(study_name=study.data.tags["labbook.study_name"], storage="sqlite:///mlruns/optuna.db")
+    assert float(train.data.params["lr"]) == pytest.approx(best.best_params["lr"])  # ${search.best_params} reached it
+    assert len(client.get_metric_history(train.info.run_id, "val_loss")) == 2
+    assert not _my_jobs()
+
+
+@pytest.mark.parametrize(
+    ("search", "train", "says"),
+    [
+        ({"name": "slurm", "partition": "no_such_partition"}, None,
+         "steps.search.launcher.partition: got 'no_such_partition'; this cluster has"),
+        (None, {"name": "slurm", "time": "99:00:00"}, "steps.train.launcher.time: 99:00:00 is over partition"),
+        ({"name": "slurm", "time": "ten minutes"}, None, "launcher.time: got 'ten minutes'; expected minutes"),
+        ({"name": "slurm", "cpus_per_task": 512}, None, "steps.search.launcher: SLURM refuses the request"),
+        ({"name": "sge"}, None, "launcher.name: got 'sge'; input should be 'local' or 'slurm'"),
+        ({"name": "local", "partition": "debug"}, None, "partition: a SLURM setting; only with name: slurm"),
+    ],
+)
+def test_a_bad_step_launcher_exits_2_at_validate_and_run_before_any_run_exists(
+    slurm: None, store: str, tmp_path: Path, search: dict | None, train: dict | None, says: str
+):
+    path = slurm_pipeline(tmp_path, search, train)
+    for verb in ("validate", "run"):
+        done = labbook(verb, str(path))
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() and not (tmp_path / "mlruns" / "optuna.db").exists()
+    assert not (tmp_path / "mlruns" / "slurm").exists()

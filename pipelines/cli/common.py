@@ -171,10 +171,14 @@ def is_pipeline(spec: Path) -> bool:
 
 
 def load_pipeline_spec(spec: Path):
+    """The validated pipeline; its steps' SLURM `launcher:` sections checked against the cluster."""
+    from pipelines.launchers.slurm import check_pipeline
     from pipelines.specs.pipeline_spec import load_pipeline
 
     with reported(SpecError):
-        return load_pipeline(spec)
+        pipeline = load_pipeline(spec)
+        check_pipeline(pipeline, spec)
+        return pipeline
 
 
 LauncherOpt = Annotated[
@@ -198,10 +202,15 @@ def slurm_options(spec, launcher, partition, time_limit, cpus, gpus, mem, nodes:
         if any(v is not None for v in given.values()):
             raise fail(f"{next(k for k, v in given.items() if v is not None)}: only with --launcher slurm")
         return None
-    base = slurm.SlurmOptions(**(spec.launcher.slurm_options() if getattr(spec, "launcher", None) else {}))
-    options = base.merged(partition=partition, time=time_limit, cpus_per_task=cpus, gpus_per_task=gpus, mem=mem)
+    from_spec = spec.launcher.slurm_options() if getattr(spec, "launcher", None) else {}
+    flags = {"partition": partition, "time": time_limit, "cpus_per_task": cpus, "gpus_per_task": gpus, "mem": mem}
+    options = slurm.SlurmOptions(**from_spec).merged(**flags)
+    # A setting the spec gave (and no flag overrode) is named as the spec names it.
+    names = {k: f"launcher.{k}" for k in from_spec if flags.get(k) is None}
+    if names:
+        names["request"] = "launcher"
     with reported(SpecError):
-        slurm.check(options, nodes=nodes, tasks_per_node=tasks)
+        slurm.check(options, nodes=nodes, tasks_per_node=tasks, names=names)
     return options
 
 

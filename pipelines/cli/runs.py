@@ -40,6 +40,7 @@ def validate(spec: SpecArg, set_: SetOpt = None) -> None:
         out.print(f"{spec}: ok (pipeline: {' → '.join(f'{s.name} ({s.kind})' for s in pipeline.steps)})")
         return
     loaded = load_training_spec(spec, set_)
+    slurm_options(loaded, None, None, None, None, None, None)  # a SLURM `launcher:` is checked against the cluster
     out.print(f"{spec}: ok ({loaded.model.name} on {loaded.data.name}, {loaded.trainer.max_epochs} epochs)")
 
 

@@ -8,6 +8,6 @@ training as one `sbatch` job whose `srun` tasks are Lightning's DDP ranks, and `
 Owns: launching labbook's work on a cluster (`slurm.py`: sbatch, job arrays, srun DDP ranks,
 requeue) and reporting which runs ran on which job. May import: the standard library, submitit,
 and the layers below (`pipelines/specs/`, `pipelines/tracking/`, `pipelines/study/`,
-`pipelines/execution/`); imported only by `pipelines/cli/` (layer 7 of `pipelines/__init__.py`,
-beside `pipelines/pipeline/`), and only inside the functions that launch.
+`pipelines/execution/`); imported only by `pipelines/pipeline/` (steps with a `launcher:`) and
+`pipelines/cli/` (layer 7 of `pipelines/__init__.py`), and only inside the functions that launch.
 """

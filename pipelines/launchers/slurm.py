@@ -26,16 +26,20 @@ import sys
 import time
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.specs.launcher_spec import minutes, time_problem
 from pipelines.specs.spec_io import SpecError
 from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from pipelines.specs.pipeline_spec import PipelineSpec
+    from pipelines.specs.spec import Spec
     from pipelines.study.tune import Study
 
 LIVE = frozenset(
@@ -65,32 +69,6 @@ class SlurmOptions:
         return replace(self, **{k: v for k, v in flags.items() if v is not None})
 
 
-def minutes(text: str) -> int | None:
-    """SLURM's time limit `text` in whole minutes (seconds round up); None for no limit.
-
-    Raises ValueError for anything SLURM would not parse. Hand-written: SLURM's own parser is C
-    inside sbatch, and `sbatch --test-only` accepts a limit over the partition's MaxTime.
-    """
-    value = text.strip().lower()
-    if value in ("infinite", "unlimited"):
-        return None
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
-    if not match:
-        raise ValueError(text)
-    days, *rest = match.groups()
-    parts = [int(p) for p in rest if p is not None]
-    if days is not None:  # D-H, D-H:M, D-H:M:S
-        hours, mins, secs = (parts + [0, 0])[:3]
-        total = int(days) * 1440 + hours * 60 + mins + (secs > 0)
-    elif len(parts) == 1:  # M
-        total = parts[0]
-    elif len(parts) == 2:  # M:S
-        total = parts[0] + (parts[1] > 0)
-    else:  # H:M:S
-        total = parts[0] * 60 + parts[1] + (parts[2] > 0)
-    return total
-
-
 def _run(*command: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
@@ -101,38 +79,80 @@ def _one_line(text: str, limit: int = 300) -> str:
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
-def check(options: SlurmOptions, nodes: int = 1, tasks_per_node: int = 1) -> None:
+def check(
+    options: SlurmOptions, nodes: int = 1, tasks_per_node: int = 1, names: Mapping[str, str] | None = None
+) -> None:
     """Raise SpecError (one line naming the setting) if SLURM would refuse or never run these jobs.
 
-    Nothing is submitted: `sbatch --test-only` asks the controller whether the request fits.
+    `names` says how the user wrote each setting (`partition` -> `launcher.partition` for a
+    spec's section); a setting not in it is named as its flag (`--partition`), and the key
+    `request` prefixes what SLURM refuses of the request as a whole. Nothing is submitted:
+    `sbatch --test-only` asks the controller whether the request fits.
     """
+    names = names or {}
+
+    def name(setting: str) -> str:
+        return names.get(setting, f"--{setting}")
+
     if shutil.which("sbatch") is None:
         raise SpecError(
-            "--launcher slurm: `sbatch` is not on PATH; run on a SLURM login node "
+            f"{names.get('request', '--launcher slurm')}: `sbatch` is not on PATH; run on a SLURM login node "
             "(or start the local test cluster: scripts/slurm-local start)"
         )
     if options.partition is not None:
         known = _run("sinfo", "-h", "-o", "%R")
-        names = sorted(set(known.stdout.split()))
-        if options.partition not in names:
-            raise SpecError(f"--partition: got {options.partition!r}; this cluster has {', '.join(names) or 'none'}")
-    if options.time is not None:
-        try:
-            asked = minutes(options.time)
-        except ValueError:
+        found = sorted(set(known.stdout.split()))
+        if options.partition not in found:
             raise SpecError(
-                f"--time: got {options.time!r}; expected minutes or SLURM's MIN:SEC, H:MIN:SEC, D-H:MIN"
-            ) from None
-        if asked is None or asked < 1:
-            raise SpecError(f"--time: got {options.time!r}; expected a limit of at least 1 minute")
+                f"{name('partition')}: got {options.partition!r}; this cluster has {', '.join(found) or 'none'}"
+            )
+    if options.time is not None:
+        problem = time_problem(options.time)
+        if problem:
+            raise SpecError(f"{name('time')}: got {options.time!r}; {problem}")
         limit, partition = _max_time(options.partition)
-        if limit is not None and asked > limit:
-            raise SpecError(f"--time: {options.time} is over partition {partition}'s MaxTime of {limit} minutes")
+        asked = minutes(options.time)
+        if limit is not None and asked is not None and asked > limit:
+            raise SpecError(
+                f"{name('time')}: {options.time} is over partition {partition}'s MaxTime of {limit} minutes"
+            )
     probe = _run("sbatch", "--test-only", *_flags(options, nodes, tasks_per_node), "--wrap", "true")
     if probe.returncode != 0:
+        where = f"{names['request']}: " if "request" in names else ""
         raise SpecError(
-            f"SLURM refuses the request ({' '.join(_flags(options, nodes, tasks_per_node))}): {_one_line(probe.stderr)}"
+            f"{where}SLURM refuses the request ({' '.join(_flags(options, nodes, tasks_per_node))}): "
+            f"{_one_line(probe.stderr)}"
         )
+
+
+def ranks(spec: Spec) -> tuple[int, int]:
+    """(nodes, ranks per node) of a spec's training as a SLURM job: the trainer's `num_nodes` and
+    `devices` (a count, or a list of device ids; `auto` is one rank per node)."""
+    devices = spec.trainer.devices
+    count = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+    return spec.trainer.num_nodes, max(count, 1)
+
+
+def check_pipeline(pipeline: PipelineSpec, path: Path) -> None:
+    """`check` for every train or tune step of a pipeline whose `launcher:` (the step's own, else
+    its spec's) is SLURM, so a bad one stops the pipeline before any run exists.
+
+    Raises SpecError naming the step's setting (`PATH: steps.search.launcher.partition: got ...`).
+    """
+    from pipelines.specs.pipeline_spec import TrainStep, TuneStep, step_launcher, step_spec_path
+    from pipelines.specs.spec import load_spec
+
+    for step in pipeline.steps:
+        if not isinstance(step, TrainStep | TuneStep) or (step.launcher and step.launcher.name == "local"):
+            continue
+        spec = load_spec(step_spec_path(step, path))
+        launcher = step_launcher(step, spec)
+        if launcher is None:
+            continue
+        where = f"{path}: steps.{step.name}." + ("launcher" if step.launcher else "spec: launcher")
+        names = {k: f"{where}.{k}" for k in launcher.slurm_options()} | {"request": where}
+        nodes, devices = ranks(spec) if isinstance(step, TrainStep) else (1, 1)
+        check(SlurmOptions(**launcher.slurm_options()), nodes, devices, names=names)
 
 
 def _max_time(partition: str | None) -> tuple[int | None, str]:
@@ -389,10 +409,13 @@ def submit_training(
     devices: int,
     run_name: str | None = None,
     console: Console | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainingJob:
     """Train the spec as one SLURM job of `nodes` × `devices` DDP ranks; wait for it; one MLflow run.
 
-    The run is made here, before the job (so a job that never starts still leaves a record), and
+    The run (nested under `parent_run_id` if given, a pipeline's step, with `tags` added) is made
+    here, before the job (so a job that never starts still leaves a record), and
     every attempt of the job (requeues included) logs into it from rank 0. The script and the
     job's log are attached to it; it is closed FINISHED when the job completes, else FAILED.
     Ctrl-C or SIGTERM cancels the job and closes the run FAILED ("interrupted").
@@ -408,11 +431,13 @@ def submit_training(
         mlflow,
         spec.experiment_name,
         run_name=name,
+        parent_run_id=parent_run_id,
         tags={
             Tag.SPEC: spec.name,
             Tag.LAUNCHER: "slurm",
             **({Tag.SPEC_PATH: str(spec_path)} if spec_path else {}),
             **tracking.provenance_tags(spec.trainer.seed, spec.notebook),
+            **(tags or {}),
         },
     )
     folder = _folder("run", name)

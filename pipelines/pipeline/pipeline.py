@@ -10,6 +10,7 @@ recorded outputs, without running them again.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from pipelines.specs.pipeline_spec import (
     merged_overrides,
     notebook_path,
     resolve,
+    step_launcher,
     step_spec_path,
 )
 from pipelines.specs.spec_io import PROJECT_ROOT, SpecError
@@ -39,7 +41,9 @@ from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
     from pipelines.kernels.kernel_pool import KernelPool
+    from pipelines.specs.launcher_spec import LauncherSpec
     from pipelines.specs.spec import Spec
+    from pipelines.study.tune import Study
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
@@ -149,6 +153,9 @@ class _Runner:
         from pipelines.specs.spec import hyperparameters
 
         spec, path = self._spec(step, outputs)
+        launcher = step_launcher(step, spec)
+        if launcher is not None:
+            return self._train_on_slurm(step, spec, path, launcher)
         result = run_training(
             spec,
             path,
@@ -173,7 +180,11 @@ class _Runner:
         # One study per pipeline run (resumed, not restarted, by `--from` on the same run).
         name = f"{self.pipeline.name}-{step.name}-{self.parent[:8]}"
         handle = tune.open_study(spec, path, step.n_trials, step.timeout, study_name=name, parent_run_id=self.parent)
-        result = tune.tune(handle, workers=step.workers, register=False, console=self.console, report=step.report)
+        launcher = step_launcher(step, spec)
+        result = tune.tune(
+            handle, workers=step.workers, register=False, console=self.console, report=step.report,
+            launcher=None if launcher is None else _study_on_slurm(launcher, step.workers),
+        )  # fmt: skip
         for key, value in {**self.tags, Tag.STEP: step.name}.items():
             self.mlflow.set_tag(result.parent_run_id, key, value)
         if result.counts["COMPLETE"] == 0:
@@ -185,6 +196,28 @@ class _Runner:
             "best_value": result.best_value,
             "best_run_id": result.best_run_id,
             "model_uri": tracking.model_uri(self.mlflow, result.best_run_id) if result.best_run_id else None,
+        }
+
+    def _train_on_slurm(self, step: TrainStep, spec: Spec, path: Path, launcher: LauncherSpec) -> dict[str, Any]:
+        """The train step as one SLURM job (`labbook run --launcher slurm`), its run nested under the pipeline's."""
+        from pipelines.launchers import slurm
+        from pipelines.specs.spec import hyperparameters
+
+        nodes, devices = slurm.ranks(spec)
+        try:
+            job = slurm.submit_training(
+                spec, path, slurm.SlurmOptions(**launcher.slurm_options()), nodes, devices, run_name=step.name,
+                console=self.console, parent_run_id=self.parent, tags={**self.tags, Tag.STEP: step.name},
+            )  # fmt: skip
+        except slurm.LaunchFailed as exc:
+            raise StepFailed(str(exc)) from None
+        if job.state != "COMPLETED":
+            raise StepFailed(f"SLURM job {job.job_id} ended {job.state}; its log: {job.folder} (run {job.run_id})")
+        return {
+            "run_id": job.run_id,
+            "model_uri": tracking.model_uri(self.mlflow, job.run_id),
+            "metrics": dict(self.mlflow.get_run(job.run_id).data.metrics),
+            "params": hyperparameters(spec.parameters()),
         }
 
     def notebook(self, step: NotebookStep, outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -245,6 +278,21 @@ class _Runner:
                     raise
                 self.say(f"[yellow]step {step.name} failed ({exc}); retry {attempt} of {step.retries}[/yellow]")
         raise AssertionError("unreachable")
+
+
+def _study_on_slurm(launcher: LauncherSpec, workers: int) -> Callable[[Study, str, Console | None], None]:
+    """A `tune.tune` launcher: the study's workers as one SLURM job array, driven from this process."""
+    from pipelines.launchers import slurm
+
+    options = slurm.SlurmOptions(**launcher.slurm_options())
+
+    def run(handle: Study, parent: str, console: Console | None) -> None:
+        try:
+            slurm.run_study(handle, parent, console, count=workers, options=options)
+        except slurm.LaunchFailed as exc:  # every worker ended with budget left: the step failed
+            raise StepFailed(str(exc)) from None
+
+    return run
 
 
 def _source(ref: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from pipelines.specs.spec import Spec
 
+from pipelines.specs.launcher_spec import LauncherSpec
 from pipelines.specs.spec_io import (
     MAX_EXPERIMENT,
     MAX_NAME,
@@ -67,6 +68,7 @@ class TrainStep(_Step):
     kind: Literal["train"]
     spec: str
     set: Overrides = Field(default_factory=dict)
+    launcher: LauncherSpec | None = None  # where it trains (replaces the spec's `launcher:`); one SLURM job
 
 
 class TuneStep(_Step):
@@ -77,8 +79,9 @@ class TuneStep(_Step):
     set: Overrides = Field(default_factory=dict)
     n_trials: int | None = Field(None, ge=1)
     timeout: float | None = Field(None, gt=0)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)  # with a SLURM launcher: the job array's tasks
     report: bool = True  # the study's own report notebook on the study's run
+    launcher: LauncherSpec | None = None  # where its workers run (replaces the spec's `launcher:`)
 
 
 class NotebookStep(_Step):
@@ -321,6 +324,12 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
             if key not in declared:
                 known = ", ".join(sorted(declared))
                 raise SpecError(f"{where}.parameters.{key}: not a parameter of {step.notebook}; known: {known}")
+
+
+def step_launcher(step: TrainStep | TuneStep, spec: Spec) -> LauncherSpec | None:
+    """Where a train or tune step runs: its own `launcher:`, else its spec's; None for this machine."""
+    launcher = step.launcher or spec.launcher
+    return launcher if launcher is not None and launcher.name != "local" else None
 
 
 def step_spec_path(step: TrainStep | TuneStep, pipeline_path: Path) -> Path:

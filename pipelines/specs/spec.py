@@ -20,6 +20,7 @@ from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.settings import checked_type
 from pipelines.specs import spec_yaml
+from pipelines.specs.launcher_spec import LauncherSpec
 from pipelines.specs.spec_io import (
     MAX_EXPERIMENT,
     MAX_NAME,
@@ -163,25 +164,6 @@ class DataSpec(_Named):
 
 # Names owned by another section: `seed` lives in `trainer` and reaches the data module from there.
 _OTHER_SECTIONS = frozenset(OptimSpec.model_fields) | frozenset(TrainerSpec.model_fields)
-
-
-class LauncherSpec(_Strict):
-    """Where a spec's training or study runs: `launcher: {name: slurm, partition: gpu, time: "2:00:00"}`.
-
-    Flags of the same name (`--launcher`, `--partition`, `--time`, ...) override these; the
-    SLURM settings are checked against the cluster when a command launches, not here.
-    """
-
-    name: Literal["local", "slurm"] = "local"
-    partition: str | None = Field(None, min_length=1, max_length=200)
-    time: str | None = Field(None, min_length=1, max_length=40)  # SLURM's format: minutes, H:MIN:SEC, D-H:MIN
-    cpus_per_task: int | None = Field(None, ge=1)
-    gpus_per_task: int | None = Field(None, ge=0)
-    mem: str | None = Field(None, min_length=1, max_length=40)
-
-    def slurm_options(self) -> dict[str, Any]:
-        """The SLURM settings given, as `launchers.slurm.SlurmOptions` fields."""
-        return {k: v for k, v in self.model_dump().items() if k != "name" and v is not None}
 
 
 class Spec(_Strict):
