@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import math
 import re
 import time
@@ -131,25 +130,7 @@ def _serialized(uri: str, name: str) -> Iterator[bool]:
             yield True
         return
     if uri.startswith("postgresql"):
-        with _advisory_lock(uri, f"labbook.champion:{name}"):
+        with tracking.advisory_lock(uri, f"labbook.champion:{name}"):
             yield True
         return
     yield False
-
-
-@contextlib.contextmanager
-def _advisory_lock(uri: str, key: str) -> Iterator[None]:
-    """A PostgreSQL session advisory lock on `key` (a 64-bit hash of it), held by one connection."""
-    import sqlalchemy
-
-    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
-    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:n)"), {"n": number})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:n)"), {"n": number})
-    finally:
-        engine.dispose()

@@ -15,6 +15,7 @@ import os
 import platform
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,31 @@ def model_uri(mlflow: MlflowClient, run_id: str) -> str:
     return mlflow.get_run(run_id).data.tags.get(Tag.MODEL_URI, f"runs:/{run_id}/model")
 
 
+_OPENED: set[str] = set()  # PostgreSQL stores this process has opened (and so created, if new)
+
+
+@contextlib.contextmanager
+def advisory_lock(uri: str, key: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock on `key` (a 64-bit hash of it), held by one connection.
+
+    Every process and machine using the database sees it (PostgreSQL docs, "Advisory Locks");
+    it is released when the block ends or the connection drops (a killed holder frees it).
+    """
+    import sqlalchemy
+
+    number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:n)"), {"n": number})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:n)"), {"n": number})
+    finally:
+        engine.dispose()
+
+
 def client(uri: str | None = None) -> MlflowClient:
     """A client of the store; a SQLite store is opened under a file lock beside it.
 
@@ -112,6 +138,13 @@ def client(uri: str | None = None) -> MlflowClient:
     """
     uri = uri or tracking_uri()
     match = re.match(r"sqlite:///(.+)$", uri)
+    if uri.startswith("postgresql") and uri not in _OPENED:
+        # The same race on a new PostgreSQL store (alembic in each process): a database-wide lock
+        # instead of a file, once per process (MLflow caches the store per URI after that).
+        with advisory_lock(uri, "labbook.store:create"):
+            opened = MlflowClient(tracking_uri=uri)
+        _OPENED.add(uri)
+        return opened
     if match is None:
         return MlflowClient(tracking_uri=uri)
     database = Path(match.group(1))
