@@ -566,8 +566,11 @@ def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_e
     return {"epochs": epochs, "best": study.best_value}
 
 
-# The shipped tune specs' pruner (pipelines/*_tune.yaml): chosen by this ratio (README, Performance).
-R5_PRUNER: dict[str, Any] = {"name": "hyperband", "min_resource": 1, "reduction_factor": 8}
+# Successive halving keeping the top eighth at each rung (epochs 1 and 8): of the settings measured
+# (README, Performance: SH and Hyperband at reduction factors 3-10, median) the only one past 4x;
+# not shipped: on seed 1 its best val_r2 was 0.0015 below no pruning's.
+R5_PRUNER: dict[str, Any] = {"name": "successive_halving", "min_resource": 1, "reduction_factor": 8}
+R5_EQUAL = 0.001  # best val_r2 with pruning at most this far below without, on every seed: "equal"
 
 
 def r5(seeds: tuple[int, ...], n_trials: int, max_epochs: int, pruner: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -714,13 +717,14 @@ def table(results: dict[str, Any]) -> str:
     )
     r5_ = results["R5"]
     ratio5 = r5_["R5_epochs_ratio"]["median"]
+    equal = all(b >= a - R5_EQUAL for a, b in zip(r5_["best_no_pruning"], r5_["best_pruning"], strict=True))
     bests = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(r5_["best_no_pruning"], r5_["best_pruning"], strict=True))
     rows.append(
         (
             f"R5 epochs without ÷ with pruning (best val_r2 without/with: {bests})",
             cell(r5_["R5_epochs_ratio"], ".1f"),
-            "≥ 4",
-            verdict(ratio5, ratio5 >= 4),
+            f"≥ 4, best within {R5_EQUAL}",
+            verdict(ratio5, ratio5 >= 4 and equal),
         )
     )
     r6_ = results["R6"]
