@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
@@ -82,3 +84,94 @@ def test_in_a_kernel_the_notebook_helper_picks_the_forking_strategies(monkeypatc
     assert in_notebook.strategy("ddp") == "ddp_notebook"
     assert isinstance(in_notebook.strategy("fsdp"), NotebookFSDP)
     assert in_notebook.strategy("auto") == "auto"
+
+
+# A fit in its own process (the callback ends it with os._exit): rank 0 sends itself a real SIGUSR1
+# in the middle of training step SIGNAL_AT (before its backward, so under DDP before the gradient
+# all-reduce), and checks that the handler did not save there and then.
+REQUEUE_FIT = """
+import os, signal, sys
+from pathlib import Path
+import lightning.pytorch as L, torch
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_modules.requeue import RequeueOnSignal
+
+SIGNAL_AT, root, command, devices = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:], int(os.environ["DEVICES"])
+
+class Fit(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+    def on_before_backward(self, loss):
+        if self.global_step == SIGNAL_AT and self.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)  # delivered now, mid-step
+            print(f"signalled at step {self.global_step}; saved in the handler: {list(root.glob('hpc_ckpt_*'))}")
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+torch.manual_seed(0)
+x = torch.randn(64, 2)
+trainer = L.Trainer(
+    max_epochs=3, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+    default_root_dir=root, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    enable_model_summary=False, callbacks=[RequeueOnSignal(command=command)],
+)
+trainer.fit(Fit(), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
+print(f"rank {trainer.global_rank}: fit ran to the end at step {trainer.global_step}")
+"""
+
+
+def _requeue_fit(tmp_path: Path, command: list[str], devices: int = 1, signal_at: int = 5):
+    import subprocess
+
+    script = tmp_path / "fit.py"
+    script.write_text(REQUEUE_FIT)
+    env = {**os.environ, "DEVICES": str(devices), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for name in [k for k in env if k.startswith("SLURM_")]:
+        del env[name]  # the test may itself run inside a SLURM job
+    return subprocess.run([sys.executable, str(script), str(signal_at), str(tmp_path), *command], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+
+
+def _requeue_marker() -> list[str]:
+    """A requeue command the test can observe: it writes its arguments to `requeued`."""
+    return [sys.executable, "-c", "import sys; open('requeued', 'w').write(' '.join(sys.argv[1:]))", "job", "42"]
+
+
+def test_a_requeue_signal_mid_step_saves_at_that_batch_end_requeues_and_ends_the_process(tmp_path: Path) -> None:
+    done = _requeue_fit(tmp_path, _requeue_marker(), signal_at=5)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "signalled at step 5; saved in the handler: []" in done.stdout  # the handler only set a flag
+    assert "fit ran to the end" not in done.stdout  # the process ended after the requeue
+    assert (tmp_path / "requeued").read_text() == "job 42"
+    [saved] = tmp_path.glob("hpc_ckpt_*.ckpt")
+    assert saved.name == "hpc_ckpt_1.ckpt"  # where Lightning's SLURM resume looks
+    state = torch.load(saved, weights_only=False)
+    # Written at the end of the signalled batch (the 6th: steps count from 0), its optimizer step
+    # counted, the epoch mid-way: as ModelCheckpoint(every_n_train_steps) saves from the same hook.
+    assert state["global_step"] == 6 and state["epoch"] == 0
+    assert state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["ready"] == 6
+    assert "requeue signal: saved" in done.stdout and "Requeued SLURM job" in done.stdout
+
+
+def test_a_failed_requeue_command_keeps_training_to_the_end(tmp_path: Path) -> None:
+    done = _requeue_fit(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"], signal_at=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exited 3; training goes on" in done.stdout
+    assert "rank 0: fit ran to the end at step 24" in done.stdout
+    assert [p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+
+
+def test_under_ddp_a_signal_to_one_rank_saves_and_requeues_on_every_rank_at_the_same_batch(tmp_path: Path) -> None:
+    """Two gloo ranks; only rank 0 is signalled, before its backward (its gradient all-reduce):
+    both ranks agree at that batch's end, one checkpoint is written, one requeue, both end."""
+    done = _requeue_fit(tmp_path, _requeue_marker(), devices=2, signal_at=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "signalled at step 2; saved in the handler: []" in done.stdout
+    assert "fit ran to the end" not in done.stdout + done.stderr  # neither rank went on
+    assert (tmp_path / "requeued").read_text() == "job 42"
+    [saved] = tmp_path.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(saved, weights_only=False)["global_step"] == 3

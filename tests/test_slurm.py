@@ -216,14 +216,14 @@ def test_a_ddp_training_on_two_srun_tasks_is_one_mlflow_run(slurm: None, store: 
 
 
 def test_a_requeued_training_continues_its_epochs_in_the_same_run(slurm: None, store: str, tmp_path: Path):
-    """SIGUSR1 (what `--signal` sends before the time limit or preemption) makes Lightning save and
-    requeue the job; the requeued job resumes from that checkpoint into the same run. One rank:
-    Lightning's handler saves from inside the signal, which under DDP can meet another rank in
-    the middle of a gradient all-reduce (see the README)."""
+    """SIGUSR1 (what `--signal` sends before the time limit or preemption) makes the training save
+    and requeue the job at a batch end both DDP ranks agree on (`lightning_modules.requeue`, not
+    Lightning's handler, which saves inside the signal and can hang a rank in an all-reduce); the
+    requeued job resumes from that checkpoint into the same run."""
     spec = str(PROJECT_ROOT / "pipelines" / "regression_mlp.yaml")
     epochs = 12
     process = driver("run", spec, "--set", f"max_epochs={epochs}", "--set", "enable_progress_bar=false",
-                     "--launcher", "slurm", "--devices", "1", "--time", "10")  # fmt: skip
+                     "--launcher", "slurm", "--devices", "2", "--time", "10")  # fmt: skip
     deadline, client, job = time.monotonic() + 300, None, None
     while job is None:
         assert process.poll() is None and time.monotonic() < deadline, Path("driver.log").read_text()[-3000:]
@@ -243,7 +243,10 @@ def test_a_requeued_training_continues_its_epochs_in_the_same_run(slurm: None, s
     assert process.wait(timeout=400) == 0, Path("driver.log").read_text()[-3000:]
 
     log = next((tmp_path / "mlruns" / "slurm").glob(f"run-*/slurm-{job}.log")).read_text()
-    assert "Requeued SLURM job" in log and "hpc_ckpt_1.ckpt" in log  # Lightning saved, then resumed from it
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # two ranks, before and after the requeue
+    assert log.count("Requeued SLURM job") == 1 and "requeue signal: saved" in log  # rank 0 alone requeued
+    assert "Handling auto-requeue signal" not in log  # Lightning's own handler stayed out of it
+    assert "resumed from" in log and "hpc_ckpt_1.ckpt" in log  # saved, then resumed from it
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, [r.info.run_name for r in runs]  # the requeued attempt made no run of its own
     [run] = runs

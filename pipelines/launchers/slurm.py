@@ -381,9 +381,11 @@ def training_script(folder: Path, options: SlurmOptions, nodes: int, devices: in
     """The sbatch script: `srun` starts nodes × devices tasks of train.py, Lightning's ranks.
 
     `--signal` makes SLURM send SIGUSR1 to every task 90 s before the time limit (and
-    `scancel --signal=USR1` does the same by hand): Lightning's SLURM environment then saves
-    `hpc_ckpt_N.ckpt` in the working directory and runs `scontrol requeue`; `--requeue` lets
-    the job be queued again, and the requeued job's Lightning resumes from that checkpoint.
+    `scancel --signal=USR1` does the same by hand): at the next training batch end all ranks
+    agree on it, save `hpc_ckpt_N.ckpt` in the working directory and rank 0 runs `scontrol
+    requeue` (`lightning_modules.requeue.RequeueOnSignal`, added by the notebook helper under
+    SLURM, with Lightning's own in-handler requeue off); `--requeue` lets the job be queued
+    again, and the requeued job's Lightning resumes from that checkpoint.
     """
     lines = ["#!/bin/bash", f"#SBATCH --job-name=labbook-run-{name}"[:80]]
     lines += [f"#SBATCH {flag}" for flag in _flags(options, nodes, devices)]

@@ -171,6 +171,30 @@ def strategy(name: str) -> Any:
     return name
 
 
+def under_slurm_script() -> bool:
+    """A script that srun started inside a SLURM job (`labbook run --launcher slurm`, or a
+    `labbook script` someone submits), not a notebook's kernel (a study's array task runs those)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and not (hasattr(sys, "ps1") or sys.flags.interactive)
+
+
+def plugins() -> list[Any]:
+    """The Trainer's plugins: under SLURM, Lightning's SLURM environment with its auto-requeue off.
+
+    Lightning's own requeue saves from inside the SIGUSR1 handler, which under DDP can meet a
+    rank in the middle of a gradient all-reduce and hang; `callbacks` adds
+    `lightning_modules.requeue.RequeueOnSignal`, which saves and requeues at a batch end that
+    every rank agrees on. The requeued job still resumes from `hpc_ckpt_N.ckpt` (Lightning's
+    SLURM resume is unchanged).
+    """
+    if not under_slurm_script():
+        return []
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
 def _resume_callback() -> Any:
     """Tags the run with the epoch a resumed fit starts at, so a reader sees it did not start at 0."""
     from lightning.pytorch.callbacks import Callback
@@ -217,6 +241,10 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
         StopOnNonFiniteLoss(),
         _resume_callback(),
     ]
+    if under_slurm_script():  # with `plugins()`: SLURM's requeue signal handled at a batch end
+        from lightning_modules.requeue import RequeueOnSignal
+
+        found.append(RequeueOnSignal())
     if params.get("early_stopping_patience"):
         found.append(EarlyStopping(monitor=monitor, mode=mode, patience=int(params["early_stopping_patience"])))
     pruning = pruning_callback(params)
@@ -369,5 +397,7 @@ __all__ = [
     "log_table",
     "mlflow_logger",
     "output_dir",
+    "plugins",
     "set_tag",
+    "under_slurm_script",
 ]
