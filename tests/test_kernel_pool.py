@@ -189,7 +189,7 @@ def test_a_kernel_server_forks_every_commands_kernels_and_stops_once_code_it_imp
 
         # The command that asked for a kernel is killed (OOM, kill -9): its kernel does not live on.
         asking = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from pipelines import notebook; "
+            [sys.executable, "-c", "import sys; from pathlib import Path; from pipelines.execution import notebook; "
              "notebook.execute(Path(sys.argv[1]), Path(sys.argv[2]), {'sleep': 300}, None, False)",
              str(probe), str(tmp_path / "killed")],
         )  # fmt: skip

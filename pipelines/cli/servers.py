@@ -100,7 +100,8 @@ def kernel_server(
 
     Point labbook at it with LABBOOK_KERNEL_SERVER=<socket>: a command then starts in ~0.5 s and
     its kernels too. Each kernel is still a fresh process running one notebook; the server stops
-    itself when code it imported is edited.
+    itself when code it imported is edited. It imports on one thread and refuses to start (exit 2)
+    when a --preload module starts a thread (OpenMP's pool, say): a fork of it could hang.
     """
     from pipelines.kernels.socket_claim import SocketPathTaken, check_free
 

@@ -12,7 +12,11 @@ their processes the same way.
 
 Written here because neither jupyter_client nor papermill forks kernels; jupyter_client's hook
 for how a kernel process starts is the kernel provisioner, so this is a provisioner whose launch
-asks the zygote to fork, with a Popen-like handle for the rest of jupyter_client.
+asks the zygote to fork, with a Popen-like handle for the rest of jupyter_client. It is used the
+public way: registered as an entry point (`jupyter_client.kernel_provisioners`, pyproject.toml),
+named in the kernel spec's metadata (kernel_pool.py's `ForkingKernelSpecs`), and handed its
+zygote through `KernelManager.start_kernel(zygote=...)`, whose keyword arguments reach the
+provisioner's launch.
 
 Safe by construction: a fork copies only the thread that calls it, so a process whose other
 threads hold locks (OpenMP's worker pool, a BLAS pool) gives children that can hang on them
@@ -56,6 +60,7 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # What `labbook` commands import beyond a kernel's modules, imported once by a kernel server so
 # that the commands it forks (launch.py) start at once. The command line itself (`--commands`,
 # `pipelines.cli:app`) is imported by each command: its consoles look at the command's own terminal.
+PROVISIONER = "labbook-fork"  # ForkProvisioner's entry point name (pyproject.toml), named in kernel specs
 COMMAND_MODULES = (
     "typer",
     "rich.table",
@@ -417,10 +422,14 @@ def _become_command(request: dict[str, Any], fds: list[int], commands: str) -> N
         # What the interpreter does on exit (its threads joined, atexit handlers run), short of
         # tearing down the modules the zygote imported: pyzmq's teardown can hang (see main()).
         with contextlib.suppress(BaseException):
-            getattr(threading, "_shutdown", lambda: None)()
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join()
         with contextlib.suppress(BaseException):
             import atexit
 
+            # No public API runs the atexit handlers short of the interpreter's own exit (which
+            # would tear the modules down): CPython's private `_run_exitfuncs` is the way.
             atexit._run_exitfuncs()
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -600,24 +609,26 @@ class ForkedProcess:
 
 
 class ForkProvisioner(LocalProvisioner):
-    """LocalProvisioner, except that the kernel process is a fork of `zygote` where it can be.
+    """LocalProvisioner, except that the kernel process is a fork of the zygote given to
+    `KernelManager.start_kernel(zygote=...)` (a `Zygote` or `RemoteZygote`) where it can be.
 
-    Any kernel command other than `<this python> ... -m ipykernel_launcher ...`, or a zygote that
-    is gone, starts the kernel as LocalProvisioner does.
+    No zygote, a kernel command other than `<this python> ... -m ipykernel_launcher ...`, or a
+    zygote that is gone or refuses: the kernel starts as LocalProvisioner starts it.
     """
 
-    zygote: Zygote | None = None
-
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        zygote: Zygote | RemoteZygote | None = kwargs.pop("zygote", None)  # never a Popen argument
         args = _launcher_args(cmd)
         pid = None
-        if args is not None and self.zygote is not None:
+        if args is not None and zygote is not None:
             cwd = str(kwargs.get("cwd") or Path.cwd())
             # What jupyter_client's launcher sets: the kernel exits when this process is gone.
             env = {**(kwargs.get("env") or os.environ), "JPY_PARENT_PID": str(os.getpid())}
-            pid = self.zygote.fork(args, cwd, env)
+            pid = zygote.fork(args, cwd, env)
         if pid is None:
             return await super().launch_kernel(cmd, **kwargs)
+        # LocalProvisioner's own (public) attributes, as its launch sets them: the rest of it
+        # (poll, wait, signals, shutdown) then works on the forked process.
         self.process = ForkedProcess(pid)
         # The child makes itself a process-group leader; until it has, killpg(pid) finds no group
         # and LocalProvisioner falls back to signalling the process alone.

@@ -17,18 +17,20 @@ an already started kernel manager (`km=`), and this module supplies one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import sys
 import threading
-import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
 from pipelines.kernels.env import fork_enabled, server_path
-from pipelines.kernels.kernel_fork import ForkedProcess, ForkProvisioner, RemoteZygote, Zygote
+from pipelines.kernels.kernel_fork import PROVISIONER, ForkedProcess, RemoteZygote, Zygote
 from pipelines.kernels.warm import warm_code
 
 ENV_SIZE = "LABBOOK_WARM_KERNELS"
@@ -81,6 +83,33 @@ def _set_policy(pid: int | None, policy: int) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+class ForkingKernelSpecs(KernelSpecManager):
+    """The installed kernel specs, each naming labbook's fork provisioner in its metadata:
+    jupyter_client's public way to say how a kernel's process starts (its provisioner factory
+    finds the class by the entry point). Given only to the pool's own kernel managers: papermill's
+    cold kernels, and Jupyter's, keep the installed spec as it is."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        spec = super().get_kernel_spec(kernel_name)
+        spec.metadata = {**spec.metadata, "kernel_provisioner": {"provisioner_name": PROVISIONER}}
+        return spec
+
+
+@functools.cache
+def provisioner_registered() -> bool:
+    """Whether ForkProvisioner's entry point is installed; an install older than it (pyproject.toml
+    changed since `make setup`) starts every kernel cold, and says so once."""
+    from importlib.metadata import entry_points
+
+    if entry_points(group="jupyter_client.kernel_provisioners", name=PROVISIONER):
+        return True
+    print(
+        f"labbook: kernels start cold: the {PROVISIONER!r} kernel provisioner is not installed (run `make setup`)",
+        file=sys.stderr,
+    )
+    return False
 
 
 def _pid(km: KernelManager) -> int | None:
@@ -152,18 +181,18 @@ class KernelPool:
 
     def _start(self, warming: _Warming) -> KernelManager:
         """A kernel started and warmed at idle priority, handed back when its imports are done."""
-        km = _PoolKernelManager(kernel_name=self.kernel_name)
+        zygote = self._zygote_started()
+        if zygote is not None and provisioner_registered():
+            # The spec names the fork provisioner; start_kernel's keyword arguments reach its launch.
+            km = _PoolKernelManager(kernel_name=self.kernel_name, kernel_spec_manager=ForkingKernelSpecs())
+            launch = {"zygote": zygote}
+        else:
+            km, launch = _PoolKernelManager(kernel_name=self.kernel_name), {}
         # nbclient drives the kernel with asyncio; the manager itself only starts and stops it.
         km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
         threads = str(self.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        zygote = self._zygote_started()
-        if zygote is not None:
-            # The manager keeps a provisioner it already has (jupyter_client uses this for restarts).
-            km.kernel_id = str(uuid.uuid4())
-            km.provisioner = ForkProvisioner(kernel_id=km.kernel_id, kernel_spec=km.kernel_spec, parent=km)
-            km.provisioner.zygote = zygote
-        km.start_kernel(cwd=self.cwd, env=env)
+        km.start_kernel(cwd=self.cwd, env=env, **launch)
         with warming.lock:
             warming.pid = _pid(km)
             if self.idle_priority and not warming.awaited:
