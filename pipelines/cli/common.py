@@ -105,9 +105,15 @@ def before_writing() -> None:
 
 
 def close_dead_runs() -> None:
-    """Runs whose driver died, closed FAILED on the way into a command (never failing it)."""
-    from pipelines.execution.reap import reap_quietly
+    """Runs whose driver died, closed FAILED on the way into a command (never failing it).
 
+    A tracking server is probed first: MLflow's client retries an unreachable one for minutes
+    (measured: 248 s before `labbook tune` said so), and the probe says it in one line now.
+    """
+    from pipelines.execution.reap import reap_quietly
+    from pipelines.tracking.tracking import check_server
+
+    check_server()
     reap_quietly(lambda line: err.print(line, markup=False, highlight=False))
 
 
