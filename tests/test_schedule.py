@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from pipelines.schedule import cron, schedule, schedule_export
+from pipelines.specs.spec_io import SpecError
 from pipelines.tracking import tracking
 from tests.conftest import LABBOOK, labbook
 
@@ -348,6 +349,40 @@ def test_an_unsafe_schedule_id_exits_2_and_stores_nothing(store: str, tmp_path: 
     done = labbook("schedule", "add", str(pipeline(tmp_path, "p")), "--every", "60", "--id", bad_id, cwd=tmp_path)
     assert done.returncode == 2 and "--id:" in done.stderr and done.stderr.strip().count("\n") == 0
     assert not (tmp_path / "mlruns" / "scheduler.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--every", "5", "--grace", "99999999999999999999"], "--grace:"),
+        (["--every", "5", "--grace", "0"], "--grace:"),
+        (["--every", "inf"], "--every:"),
+        (["--every", "1e20"], "--every:"),
+        (["--every", "1e308"], "--every:"),
+        (["--every", "nan"], "--every:"),
+        (["--every", "0"], "--every:"),
+    ],
+)
+def test_an_interval_or_grace_time_out_of_range_exits_2_and_stores_nothing(
+    store: str, tmp_path: Path, flags: list[str], named: str
+) -> None:
+    done = labbook("schedule", "add", str(pipeline(tmp_path, "p")), *flags, "--id", "g1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and named in done.stderr and "31622400" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mlruns" / "scheduler.db").exists()
+
+
+@pytest.mark.fast
+def test_interval_and_grace_bounds_are_inclusive() -> None:
+    assert schedule.check_every(1) == 1 and schedule.check_every(schedule.MAX_EVERY_SECONDS)
+    assert schedule.check_grace(1) == 1 and schedule.check_grace(schedule.MAX_GRACE_SECONDS)
+    for bad in (0.5, schedule.MAX_EVERY_SECONDS + 1, float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(SpecError, match="--every"):
+            schedule.check_every(bad)
+    for bad in (0, schedule.MAX_GRACE_SECONDS + 1, 10**20, True):
+        with pytest.raises(SpecError, match="--grace"):
+            schedule.check_grace(bad)
 
 
 def store_raw(schedule_id: str, spec: Path, cwd: Path) -> None:

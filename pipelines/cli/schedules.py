@@ -41,12 +41,15 @@ StoreOpt = Annotated[
 def schedule_add(
     spec: SpecArg,
     cron: Annotated[str | None, typer.Option(help='Crontab expression, e.g. "0 3 * * *" (03:00 every day).')] = None,
-    every: Annotated[float | None, typer.Option(min=1, help="Or: every this many seconds.")] = None,
+    every: Annotated[float | None, typer.Option(help="Or: every this many seconds (1 to 366 days).")] = None,
     id_: Annotated[
         str | None, typer.Option("--id", help="Schedule id: 1-64 of A-Z a-z 0-9 . _ - (default: the spec's name).")
     ] = None,
     grace: Annotated[
-        int, typer.Option(min=1, help="Seconds a missed fire time may be late and still run (missed ones coalesce).")
+        int,
+        typer.Option(
+            help="Seconds a missed fire time may be late and still run (1 to 366 days; missed ones coalesce)."
+        ),
     ] = 3600,
     timezone: Annotated[
         str | None, typer.Option(help="IANA time zone the cron expression reads (default: this machine's).")
@@ -62,6 +65,9 @@ def schedule_add(
             timezone = schedule.check_timezone(timezone)
         if id_ is not None:
             schedule.check_id(id_)
+        if every is not None:
+            schedule.check_every(every)
+        schedule.check_grace(grace)
         load_pipeline_spec(spec) if is_pipeline(spec) else load_training_spec(spec, None)
         added = schedule.add(spec, cron, every, id_, grace, store, timezone)
     out.print(f"schedule {added.id}: {added.spec}, {added.trigger}; next fire {schedule.when(added)}")

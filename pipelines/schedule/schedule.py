@@ -23,6 +23,7 @@ Cron expressions mean what Vixie cron makes them mean, in the schedule's time zo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import signal
@@ -53,6 +54,10 @@ TABLE = "labbook_schedules"
 CLAIMS_TABLE = "labbook_schedule_fires"
 CLAIMS_KEPT = timedelta(days=30)
 DEFAULT_GRACE_SECONDS = 3600
+# --every and --grace, in seconds: APScheduler makes timedeltas of them (a C int of seconds), and a
+# year is more than any schedule needs (a larger value overflowed at every fire, or at `add`).
+MAX_EVERY_SECONDS = 366 * 24 * 3600
+MAX_GRACE_SECONDS = 366 * 24 * 3600
 # Ids name log files, crontab lines and systemd units: a safe alphabet, so nothing needs escaping
 # to mean one thing (`../x`, quotes, `;` and spaces are refused at `add`).
 ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -82,6 +87,22 @@ def check_id(schedule_id: str) -> str:
             f"--id: {shown} is not a schedule id; expected 1-64 of A-Z a-z 0-9 . _ - not starting with . or -"
         )
     return schedule_id
+
+
+def check_every(seconds: float) -> float:
+    """`seconds` (an --every interval), or SpecError naming --every and its range (1 s to 366 days)."""
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and 1 <= seconds <= MAX_EVERY_SECONDS):
+        raise SpecError(f"--every: got {str(seconds)[:40]}; expected 1 to {MAX_EVERY_SECONDS} seconds (366 days)")
+    return seconds
+
+
+def check_grace(seconds: int) -> int:
+    """`seconds` (a --grace time), or SpecError naming --grace and its range (1 s to 366 days)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 1 <= seconds <= MAX_GRACE_SECONDS:
+        raise SpecError(
+            f"--grace: got {str(seconds)[:40]}; expected whole seconds, 1 to {MAX_GRACE_SECONDS} (366 days)"
+        )
+    return seconds
 
 
 def check_timezone(name: str | None) -> str:
@@ -179,6 +200,9 @@ def _describe(job: Any) -> Schedule:
         raise ValueError("its id is not in the safe alphabet (A-Z a-z 0-9 . _ -)")
     for path in (spec, cwd):
         _check_path("path", str(path))
+    grace = job.misfire_grace_time
+    if grace is not None and not (isinstance(grace, int) and 1 <= grace <= MAX_GRACE_SECONDS):
+        raise ValueError(f"its grace time is not 1 to {MAX_GRACE_SECONDS} seconds")  # it would crash every fire
     trigger = job.trigger
     if isinstance(trigger, CronTrigger):
         try:
@@ -262,13 +286,16 @@ def add(
     """Register a schedule for a (validated) pipeline spec; it fires once a scheduler runs.
 
     `timezone` (IANA name, default this machine's) is the wall clock a cron expression reads.
-    Raises SpecError (one line, nothing stored) for a bad expression, id, time zone or path.
+    Raises SpecError (one line, nothing stored) for a bad expression, id, time zone, path, interval
+    (`check_every`) or grace time (`check_grace`).
     """
     if (cron is None) == (every is None):
         raise SpecError("--cron/--every: give exactly one of them")
     if every is not None and timezone is not None:
         raise SpecError("--timezone: only a --cron schedule reads a clock; --every counts seconds")
     name = check_id(schedule_id) if schedule_id is not None else default_id(spec)
+    every = check_every(every) if every is not None else None
+    grace_seconds = check_grace(grace_seconds)
     zone = check_timezone(timezone) if cron else None
     trigger: BaseTrigger = CronTrigger(cron, zone) if cron else IntervalTrigger(seconds=every)
     spec_path = spec.resolve()
