@@ -385,6 +385,45 @@ def test_interval_and_grace_bounds_are_inclusive() -> None:
             schedule.check_grace(bad)
 
 
+BAD_STORES = {
+    "bogus": "not a database URL",
+    "mysql://x/y": "driver is not installed",
+    "sqlite:////nonexistent/dir/x.db": "cannot be opened or created",
+    "postgresql://u:hunter2@127.0.0.1:1/x": "cannot be reached",
+}
+
+
+@pytest.mark.parametrize("url", list(BAD_STORES))
+def test_a_bad_store_url_exits_2_in_one_line_in_every_schedule_command(store: str, tmp_path: Path, url: str) -> None:
+    spec = str(pipeline(tmp_path, "p"))
+    commands = [
+        ("schedule", "add", spec, "--every", "60", "--store", url),
+        ("schedule", "list", "--store", url),
+        ("schedule", "remove", "p", "--store", url),
+        ("schedule", "export", "--format", "systemd", "--store", url),
+        ("scheduler", "--store", url),
+    ]
+    for command in commands if url == "bogus" else commands[1:2] + commands[-1:]:  # one place opens the store
+        done = labbook(*command, cwd=tmp_path)
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.strip().count("\n") == 0 and "schedule store" in done.stderr, (command, done.stderr)
+        assert BAD_STORES[url] in done.stderr and "hunter2" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_corrupt_job_store_or_a_bad_environment_url_exits_2_without_quoting_it(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mlruns").mkdir(exist_ok=True)
+    (tmp_path / "mlruns" / "scheduler.db").write_text("garbage SECRET-CONTENT\n")
+    for command in (("schedule", "list"), ("scheduler",)):
+        done = labbook(*command, cwd=tmp_path)
+        assert done.returncode == 2 and "not a SQLite database" in done.stderr, done.stderr
+        assert "SECRET-CONTENT" not in done.stderr and done.stderr.strip().count("\n") == 0
+    monkeypatch.setenv("LABBOOK_SCHEDULER_DB", "bogus")
+    done = labbook("scheduler", cwd=tmp_path)
+    assert done.returncode == 2 and "LABBOOK_SCHEDULER_DB" in done.stderr, done.stderr
+
+
 def store_raw(schedule_id: str, spec: Path, cwd: Path) -> None:
     """A row as labbook before the id rule wrote it (no check)."""
     from apscheduler.job import Job

@@ -78,7 +78,8 @@ def schedule_list(store: StoreOpt = None) -> None:
     """Schedules with their next fire time and their last run's state."""
     from pipelines.schedule import schedule
 
-    found, skipped = schedule.read_schedules(store)
+    with reported(SpecError):
+        found, skipped = schedule.read_schedules(store)
     for line in skipped:
         err.print(f"warning: {line}", markup=False, highlight=False)
     if not found:
@@ -113,7 +114,8 @@ def schedule_export(
 
     if format_ not in ("crontab", "systemd"):
         raise fail(f"--format: got {format_!r}; expected crontab or systemd")
-    found, skipped = schedule.read_schedules(store)
+    with reported(SpecError):
+        found, skipped = schedule.read_schedules(store)
     for line in skipped:
         err.print(f"warning: {line}", markup=False, highlight=False)
     text = schedule_export.crontab(found) if format_ == "crontab" else schedule_export.systemd(found)
@@ -129,4 +131,6 @@ def scheduler(store: StoreOpt = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # its own lines repeat ours
-    raise typer.Exit(schedule.serve(store))
+    with reported(SpecError):
+        code = schedule.serve(store)
+    raise typer.Exit(code)

@@ -182,12 +182,43 @@ def open_store(url: str | None = None) -> Any:
     """The job store itself, for add/list/remove while a scheduler may be running elsewhere.
 
     A scheduler is never started for these: even paused, its thread could fire or skip due jobs.
+    Raises SpecError (one line naming the store, its password redacted) when it cannot be opened.
     """
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from sqlalchemy import select
 
-    store = SQLAlchemyJobStore(url=store_url(url), tablename=TABLE)
-    store.start(BackgroundScheduler(), "default")  # the (never started) owner that rebuilds jobs
+    resolved = store_url(url)
+    try:
+        store = SQLAlchemyJobStore(url=resolved, tablename=TABLE)
+        store.start(BackgroundScheduler(), "default")  # the (never started) owner that rebuilds jobs
+        with store.engine.connect() as connection:  # a corrupt file or a wrong table fails here, not later
+            connection.execute(select(store.jobs_t.c.id).limit(1)).all()
+    except Exception as exc:
+        where = "--store" if url else (STORE_ENV if os.environ.get(STORE_ENV) else "the default store")
+        raise SpecError(f"schedule store {tracking.redact(resolved)[:200]} ({where}): {_store_reason(exc)}") from None
     return store
+
+
+def _store_reason(exc: BaseException) -> str:
+    """Why a job store cannot be opened, in fixed words: the database's own text may quote SQL,
+    values or a URL with its password, so it is never shown."""
+    from sqlalchemy.exc import ArgumentError, DatabaseError
+
+    orig = getattr(exc, "orig", None)
+    text = str(orig or exc).lower()
+    if isinstance(exc, ImportError):
+        return f"its database driver is not installed (no module {exc.name or '?'}); install it or use another URL"
+    if isinstance(exc, ArgumentError):
+        return "not a database URL SQLAlchemy reads; expected e.g. sqlite:///PATH or postgresql://USER@HOST/DB"
+    if "file is not a database" in text or "malformed" in text:
+        return "its file is not a SQLite database (corrupt, or another kind of file); move it aside or use another URL"
+    if "unable to open database file" in text:
+        return "its SQLite file cannot be opened or created (does its folder exist, and may this user write it?)"
+    if isinstance(exc, DatabaseError):
+        return (
+            f"the database cannot be reached or read ({type(orig or exc).__name__}); is the server up, the URL right?"
+        )
+    return f"it cannot be opened ({type(exc).__name__})"
 
 
 def _describe(job: Any) -> Schedule:
@@ -501,9 +532,13 @@ class ClaimingExecutor(ThreadPoolExecutor):
 
 
 def serve(store: str | None = None, poll_seconds: float = 1.0) -> int:
-    """Fire due schedules until SIGTERM or Ctrl-C; then stop the running pipelines and return 0."""
+    """Fire due schedules until SIGTERM or Ctrl-C; then stop the running pipelines and return 0.
+
+    Raises SpecError (one line) when the job store cannot be opened.
+    """
     from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
 
+    open_store(store).shutdown()  # a store that cannot be opened: one line (SpecError), before any thread starts
     url = store_url(store)
     scheduler = _scheduler(url)
 
