@@ -466,6 +466,19 @@ def test_unit_names_are_escaped_as_systemd_escape_does(text: str) -> None:
     assert schedule_export.unit_escape(text) == expected
 
 
+@pytest.mark.fast
+def test_a_checkout_path_ending_in_a_space_is_refused_by_the_systemd_export(tmp_path: Path) -> None:
+    # systemd strips a value's trailing whitespace and unquotes nothing in WorkingDirectory=.
+    trail = schedule.Schedule("t1", "/x/p.yaml", "/tmp/x/trail ", "every 60 s", None, 60, every_seconds=60)
+    inner = schedule.Schedule("t2", "/x/p.yaml", "/tmp/x/in ner", "every 60 s", None, 60, every_seconds=60)
+    text = schedule_export.systemd([trail, inner])
+    assert "# t1: not exported: its folder" in text and "ends in whitespace" in text
+    assert "WorkingDirectory=/tmp/x/trail" not in text and "WorkingDirectory=/tmp/x/in ner\n" in text
+    with pytest.raises(ValueError, match="t1: not exported"):
+        schedule_export.write_units([inner, trail], tmp_path / "units")
+    assert not (tmp_path / "units").exists() or not list((tmp_path / "units").iterdir())  # nothing half-written
+
+
 def test_the_exported_crontab_line_runs_in_a_checkout_whose_path_has_a_space(store: str, tmp_path: Path) -> None:
     checkout = tmp_path / "my check-out 100% $HOME 'q'"  # a space, cron's %, a shell $, a quote
     checkout.mkdir()

@@ -228,8 +228,27 @@ def _specifiers(text: str) -> str:
     return text.replace("%", "%%")
 
 
+def systemd_refusal(s: Schedule) -> str | None:
+    """A comment line saying why this schedule cannot be a systemd unit, or None.
+
+    systemd strips whitespace at the end of a value and reads `WorkingDirectory=` without quotes or
+    escapes (systemd 252: `"/x/trail "` is "not absolute", `\\x20` stays literal), so a folder whose
+    name ends in whitespace cannot be written.
+    """
+    if s.cwd != s.cwd.rstrip(" \t\n\r"):  # systemd's WHITESPACE
+        return (
+            f"# {s.id}: not exported: its folder {ascii(s.cwd[-60:])} ends in whitespace, which systemd strips"
+            " from WorkingDirectory= (no quoting keeps it); rename the folder, or use labbook scheduler"
+        )
+    return None
+
+
 def units(s: Schedule, now: datetime | None = None) -> dict[str, str]:
-    """The `.service` and `.timer` unit files of one schedule: {file name: text}."""
+    """The `.service` and `.timer` unit files of one schedule: {file name: text}; ValueError (the
+    `systemd_refusal` line) for a schedule systemd cannot run as written."""
+    refused = systemd_refusal(s)
+    if refused:
+        raise ValueError(refused.removeprefix("# "))
     name = f"labbook-{unit_escape(s.id)}"
     if s.cron:
         zone = s.timezone or "UTC"
@@ -257,13 +276,22 @@ def systemd(schedules: list[Schedule], now: datetime | None = None) -> str:
     """A `.service` and a `.timer` unit per schedule (`Persistent=true` catches up missed runs)."""
     blocks = []
     for s in schedules:
+        refused = systemd_refusal(s)
+        if refused:
+            blocks.append(refused + "\n")
+            continue
         for file_name, text in units(s, now).items():
             blocks.append(f"# --- {file_name} ---\n{text}")
     return "\n".join(blocks)
 
 
 def write_units(schedules: list[Schedule], folder: Path, now: datetime | None = None) -> list[Path]:
-    """Write each schedule's unit files into `folder` (e.g. ~/.config/systemd/user); their paths."""
+    """Write each schedule's unit files into `folder` (e.g. ~/.config/systemd/user); their paths.
+
+    Raises ValueError (one line, nothing written) when a schedule cannot be a unit (`systemd_refusal`).
+    """
+    for s in schedules:
+        units(s, now)  # refuse before writing any
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for s in schedules:
