@@ -419,3 +419,35 @@ def test_pipeline_steps_settings_go_through_the_same_declarations(tmp_path: Path
     path.write_text(text.replace("max_epochs: 20}", "max_epochs: true}"))  # a train step's `set:`, as --set
     with pytest.raises(SpecError, match="steps.train.set: trainer.max_epochs: expected a number, got the boolean"):
         load_pipeline(path)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "ok"),
+    [
+        ("cpu", "0", False),  # Trainer(devices=0) is invalid: it said ok, then the run failed
+        ("auto", "0", False),
+        ("auto", "-2", False),
+        ("auto", "[]", False),
+        ("auto", "[0, 0]", False),
+        ("auto", "[-1]", False),
+        ("auto", "''", False),
+        ("cpu", "-1", False),  # Lightning's CPUAccelerator takes a process count only
+        ("cpu", "[0, 1]", False),
+        ("cpu", "'0,1'", False),
+        ("cpu", "2", True),
+        ("cpu", "auto", True),
+        ("gpu", "-1", True),
+        ("gpu", "[0, 1]", True),
+        ("gpu", "'0,1'", True),
+    ],
+)
+def test_trainer_devices_are_checked_as_lightning_reads_them(accelerator: str, devices: str, ok: bool) -> None:
+    overrides = parse_overrides([f"accelerator={accelerator}", f"devices={devices}"])
+    path = PROJECT_ROOT / "pipelines" / "digits_mlp.yaml"
+    if ok:
+        assert load_spec(path, overrides).trainer.devices is not None
+        return
+    with pytest.raises(SpecError, match="devices") as caught:
+        load_spec(path, overrides)
+    assert "positive int" in str(caught.value) and "\n" not in str(caught.value).strip()

@@ -9,6 +9,7 @@ is unique across them, and `Spec.parameters()` flattens them into the dict the t
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +104,30 @@ class TrainerSpec(_Strict):
             raise ValueError(f"expected 'last' or a path to a .ckpt file, got {value!r}")
         return value
 
+    @field_validator("devices")
+    @classmethod
+    def _lightning_devices(cls, value: int | str | list[int]) -> int | str | list[int]:
+        # Lightning's `devices` (Trainer docs): a count > 0, -1 (all), "auto", or which devices: a
+        # non-empty list of distinct indices >= 0, or the same as text ("2", "-1", "0,1").
+        allowed = 'expected a positive int, -1 (all), "auto", or a non-empty list of distinct device indices >= 0'
+        if isinstance(value, str):
+            text = value.strip()
+            if text == "auto" or re.fullmatch(r"-1|0*[1-9][0-9]*", text):
+                return value
+            parts = text.rstrip(",").split(",") if "," in text else []
+            if parts and all(part.strip().isdigit() for part in parts):
+                indices = [int(part) for part in parts]
+                if len(set(indices)) == len(indices):
+                    return value
+            raise ValueError(f"{value[:40]!r} is not a devices setting; {allowed}")
+        if isinstance(value, list):
+            if value and all(i >= 0 for i in value) and len(set(value)) == len(value):
+                return value
+            raise ValueError(f"{str(value)[:40]} is not a devices setting; {allowed}")
+        if value == -1 or value >= 1:
+            return value
+        raise ValueError(f"{value} is not a devices setting; {allowed}")
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
@@ -112,6 +137,16 @@ class TrainerSpec(_Strict):
         if value not in known:
             raise ValueError(f"unknown strategy {value!r}; allowed: {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _cpu_devices_are_a_count(self) -> TrainerSpec:
+        # Lightning's CPUAccelerator takes only a number of processes: -1 or a list of indices fail.
+        devices = str(self.devices).strip()
+        if self.accelerator == "cpu" and devices != "auto" and not re.fullmatch(r"0*[1-9][0-9]*", devices):
+            raise ValueError(
+                f'accelerator cpu takes devices as a positive int or "auto" (a process count), got {devices[:40]}'
+            )
+        return self
 
     @model_validator(mode="after")
     def _fsdp_needs_a_gpu(self) -> TrainerSpec:
