@@ -633,3 +633,28 @@ def test_two_schedulers_on_one_job_store_run_each_fire_time_once(
     with create_engine(scheduler_store).connect() as connection:
         rows = connection.execute(text(f"SELECT fire_time FROM {schedule.CLAIMS_TABLE}")).scalars().all()
     assert sorted(rows) == sorted(claimed[0] + claimed[1])
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("expression", "zone", "night"),
+    [
+        ("30 1-3 * * *", "Europe/Dublin", "2027-03-28"),  # negative DST: systemd skipped the whole day
+        ("0 */2 * * *", "Africa/Casablanca", "2027-03-14"),  # Ramadan's negative DST
+        ("15,45 * * * *", "Pacific/Chatham", "2027-09-26"),  # a change at :45: 03:45 never fired
+    ],
+)
+def test_a_timer_systemd_would_fire_otherwise_on_a_dst_night_is_not_exported(
+    expression: str, zone: str, night: str
+) -> None:
+    """The exported timer must fire what the scheduler fires, or not be written (issue 23 case 4)."""
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    s = schedule.Schedule("odd", "/p.yaml", "/", "", None, 60, cron=expression, timezone=zone)
+    exported = schedule_export.systemd([s], now)
+    assert exported.startswith(f"# odd: not exported: on the DST change of {night} in {zone}"), exported
+    assert "OnCalendar" not in exported
+    with pytest.raises(ValueError, match="systemd would fire otherwise than cron"):
+        schedule_export.units(s, now)
+    # The same expression where systemd agrees with cron is still exported.
+    fine = schedule.Schedule("fine", "/p.yaml", "/", "", None, 60, cron=expression, timezone="Europe/Berlin")
+    assert "OnCalendar=" in schedule_export.systemd([fine], now)

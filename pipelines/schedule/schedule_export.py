@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -228,25 +230,70 @@ def _specifiers(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def systemd_refusal(s: Schedule) -> str | None:
+def systemd_refusal(s: Schedule, now: datetime | None = None) -> str | None:
     """A comment line saying why this schedule cannot be a systemd unit, or None.
 
     systemd strips whitespace at the end of a value and reads `WorkingDirectory=` without quotes or
     escapes (systemd 252: `"/x/trail "` is "not absolute", `\\x20` stays literal), so a folder whose
-    name ends in whitespace cannot be written.
+    name ends in whitespace cannot be written. And a timer whose DST nights systemd would fire
+    differently from cron (`dst_disagreement`) is not written either.
     """
     if s.cwd != s.cwd.rstrip(" \t\n\r"):  # systemd's WHITESPACE
         return (
             f"# {s.id}: not exported: its folder {ascii(s.cwd[-60:])} ends in whitespace, which systemd strips"
             " from WorkingDirectory= (no quoting keeps it); rename the folder, or use labbook scheduler"
         )
+    if s.cron:
+        zone = s.timezone or "UTC"
+        now = now or datetime.now(UTC)
+        values = on_calendar(s.cron, zone) + _dated(dst_nights(s.cron, zone, now))
+        differs = dst_disagreement(s.cron, zone, values, now)
+        if differs:
+            return f"# {s.id}: not exported: {differs}; use labbook scheduler"
+    return None
+
+
+def dst_disagreement(expression: str, timezone: str, values: list[str], now: datetime) -> str | None:
+    """Where a timer with these `OnCalendar=` values fires otherwise than cron near a DST change, or None.
+
+    Asked of `systemd-analyze calendar` itself around each change of the next DST_YEARS years:
+    systemd 252 skips some DST nights whole in zones whose tz rules are unusual (negative DST in
+    Europe/Dublin and Africa/Casablanca, a change at :45 in Pacific/Chatham), which no rule written
+    here could predict. None where systemd-analyze is not installed (nothing to ask) or in UTC.
+    """
+    tool = shutil.which("systemd-analyze")
+    if tool is None or timezone in _UTC_NAMES:
+        return None
+    cron, zone = cronlib.parse(expression), ZoneInfo(timezone)
+    for change in _transitions(zone, now.astimezone(UTC), now.astimezone(UTC) + timedelta(days=366 * DST_YEARS)):
+        after, until = change - _NEAR + timedelta(seconds=30), change + _NEAR  # fires fall on :00 seconds
+        expected = []
+        for moment in cronlib.fire_times(cron, zone, after):
+            if moment > until:
+                break
+            expected.append(moment.astimezone(UTC))
+        base = f"--base-time={after:%Y-%m-%d %H:%M:%S} UTC"
+        done = subprocess.run(
+            [tool, "calendar", f"--iterations={len(expected) + 1}", base, *values],
+            capture_output=True, text=True, env={**os.environ, "TZ": "UTC"}, timeout=60,
+        )  # fmt: skip
+        found = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", done.stdout)
+        fired = sorted({datetime.fromisoformat(f).replace(tzinfo=UTC) for f in found})
+        fired = [moment for moment in fired if moment <= until]
+        if done.returncode != 0 or fired != expected:
+            missed = sorted(set(expected) ^ set(fired))
+            when = missed[0].astimezone(zone).strftime("%Y-%m-%d %H:%M %Z") if missed else "?"
+            return (
+                f"on the DST change of {change.astimezone(zone):%Y-%m-%d} in {timezone} systemd would fire "
+                f"otherwise than cron (first at {when})"
+            )
     return None
 
 
 def units(s: Schedule, now: datetime | None = None) -> dict[str, str]:
     """The `.service` and `.timer` unit files of one schedule: {file name: text}; ValueError (the
     `systemd_refusal` line) for a schedule systemd cannot run as written."""
-    refused = systemd_refusal(s)
+    refused = systemd_refusal(s, now)
     if refused:
         raise ValueError(refused.removeprefix("# "))
     name = f"labbook-{unit_escape(s.id)}"
@@ -276,7 +323,7 @@ def systemd(schedules: list[Schedule], now: datetime | None = None) -> str:
     """A `.service` and a `.timer` unit per schedule (`Persistent=true` catches up missed runs)."""
     blocks = []
     for s in schedules:
-        refused = systemd_refusal(s)
+        refused = systemd_refusal(s, now)
         if refused:
             blocks.append(refused + "\n")
             continue
