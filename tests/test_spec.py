@@ -378,6 +378,9 @@ def test_set_values_are_read_as_strictly_as_spec_files() -> None:
         ("LABBOOK_HEARTBEAT_SECONDS", "abc", "LABBOOK_HEARTBEAT_SECONDS='abc': expected a whole number from 1 to 3600"),
         ("LABBOOK_WARM_KERNELS", "abc", "LABBOOK_WARM_KERNELS='abc': expected a whole number from 0 to 64"),
         ("LABBOOK_OPTUNA_STORAGE", "::nope", "LABBOOK_OPTUNA_STORAGE: not a database URL"),
+        ("LABBOOK_OPTUNA_STORAGE", "sqlite:////nonexistent/dir/x.db", "folder '/nonexistent/dir' does not exist"),
+        ("MLFLOW_TRACKING_URI", "notaurl", "MLFLOW_TRACKING_URI: expected a tracking server"),
+        ("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/x.db", "folder '/nonexistent' does not exist"),
     ],
 )
 def test_bad_labbook_environment_is_refused_before_anything_is_written(
@@ -385,7 +388,7 @@ def test_bad_labbook_environment_is_refused_before_anything_is_written(
 ) -> None:
     path = str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml")
     for command in (("run", path), ("tune", path, "--n-trials", "1")):
-        done = labbook(*command, cwd=tmp_path, env={variable: value, "MLFLOW_TRACKING_URI": ""})
+        done = labbook(*command, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "", variable: value})
         assert done.returncode == 2, (command, done.stdout, done.stderr[-2000:])
         assert done.stderr.strip().count("\n") == 0 and expected in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / "mlruns").exists()
@@ -397,7 +400,7 @@ def test_every_labbook_variable_read_anywhere_is_checked() -> None:
     from pipelines.specs import environment
 
     read = set()
-    for source in (PROJECT_ROOT / "pipelines").glob("*.py"):
+    for source in (PROJECT_ROOT / "pipelines").rglob("*.py"):  # every package, not the top folder only
         read |= set(regex.findall(r"\"(LABBOOK_[A-Z_]+)\"", source.read_text()))
     assert read - environment.INTERNAL <= set(environment.readers()), read - set(environment.readers())
 
@@ -451,3 +454,12 @@ def test_trainer_devices_are_checked_as_lightning_reads_them(accelerator: str, d
     with pytest.raises(SpecError, match="devices") as caught:
         load_spec(path, overrides)
     assert "positive int" in str(caught.value) and "\n" not in str(caught.value).strip()
+
+
+@pytest.mark.parametrize("storage", ["notaurl", "sqlite:////nonexistent/x.db"])
+def test_a_bad_storage_flag_is_refused_before_anything_is_written(tmp_path: Path, storage: str) -> None:
+    path = str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml")
+    done = labbook("tune", path, "--storage", storage, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+    assert "--storage / tune.storage:" in done.stderr
+    assert not (tmp_path / "mlruns").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 HEARTBEAT_ENV = "LABBOOK_HEARTBEAT_SECONDS"
 WARM_KERNELS_ENV = "LABBOOK_WARM_KERNELS"
@@ -64,19 +65,48 @@ def run_heartbeat_seconds() -> int:
     return int(raw)
 
 
-def store_url(name: str) -> str | None:
-    """`name` as a database URL SQLAlchemy can open (sqlite:///..., postgresql://...), or None when unset."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
+def database_url(raw: str, name: str) -> str:
+    """`raw` if SQLAlchemy reads it as a database URL and, for a SQLite file, its folder exists.
+
+    Raises ValueError (one line naming `name`, never the URL's password) otherwise: a bad URL
+    found only when the study or store opens it gives a traceback after other stores were written.
+    """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
-        make_url(raw)
+        url = make_url(raw)
     except (ArgumentError, ValueError):
         raise ValueError(f"{name}: not a database URL; expected sqlite:///mlruns/x.db, postgresql://...") from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).expanduser().parent
+        if not folder.is_dir():
+            raise ValueError(f"{name}: the SQLite file's folder {str(folder)[:200]!r} does not exist")
     return raw
+
+
+def store_url(name: str) -> str | None:
+    """`name` as a database URL SQLAlchemy can open (sqlite:///..., postgresql://...), or None when unset."""
+    raw = os.environ.get(name, "").strip()
+    return database_url(raw, name) if raw else None
+
+
+_TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def tracking_uri() -> str | None:
+    """`MLFLOW_TRACKING_URI` when set and one labbook can use: a server or a database (not MLflow's
+    file store, in maintenance mode in MLflow 3, nor a bare path); ValueError in one line otherwise."""
+    raw = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not raw:
+        return None
+    scheme = raw.split(":", 1)[0].split("+", 1)[0].lower() if ":" in raw else ""
+    if scheme not in _TRACKING_SCHEMES:
+        raise ValueError(
+            "MLFLOW_TRACKING_URI: expected a tracking server (http://HOST:PORT) or a database "
+            "(sqlite:///PATH, postgresql://...); unset it for the embedded store under ./mlruns"
+        )
+    return raw if scheme.startswith(("http", "databricks")) else database_url(raw, "MLFLOW_TRACKING_URI")
 
 
 def readers() -> dict[str, Callable[[], object]]:
@@ -97,3 +127,4 @@ def check() -> None:
     for name, read in readers().items():
         if os.environ.get(name, "").strip():
             read()
+    tracking_uri()

@@ -31,7 +31,9 @@ STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
 def storage_url(explicit: str | None = None) -> str:
     """`--storage`/spec, else `LABBOOK_OPTUNA_STORAGE`, else SQLite under `./mlruns/`."""
     if explicit:
-        return explicit
+        from pipelines.specs.environment import database_url
+
+        return database_url(explicit, "--storage / tune.storage")
     if os.environ.get(STORAGE_ENV):
         return os.environ[STORAGE_ENV]
     return f"sqlite:///{tracking.default_store() / 'optuna.db'}"
