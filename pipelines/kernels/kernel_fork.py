@@ -422,9 +422,12 @@ def _become_command(request: dict[str, Any], fds: list[int], commands: str) -> N
         # What the interpreter does on exit (its threads joined, atexit handlers run), short of
         # tearing down the modules the zygote imported: pyzmq's teardown can hang (see main()).
         with contextlib.suppress(BaseException):
-            for thread in threading.enumerate():
-                if thread is not threading.current_thread() and not thread.daemon:
-                    thread.join()
+            # CPython's private `threading._shutdown`, as the interpreter's exit calls it: it first
+            # runs the hooks registered with `threading._register_atexit` (concurrent.futures tells
+            # its pool workers to stop there), then joins the threads. Joining them with public calls
+            # alone waits forever on an idle ThreadPoolExecutor worker (MLflow's artifact uploads:
+            # `labbook rerun` hung for 10 minutes); no public API runs those hooks.
+            threading._shutdown()  # type: ignore[attr-defined]
         with contextlib.suppress(BaseException):
             import atexit
 
