@@ -49,15 +49,20 @@ def notebook_to_run(
 ) -> tuple[Path, dict[str, str]]:
     """The notebook `rerun` executes for run `run_id`, written into `folder`, and the tags naming it on the new run.
 
-    The source notebook named by the run's `labbook.notebook` tag, when its bytes hash to the
-    run's recorded `labbook.notebook_sha256` (read once: what was checked is what runs); the
-    run's own executed copy `copy` when that source is gone or the run recorded no hash (older
-    runs). Raises ValueError (one line, nothing run) when the source exists and differs: it was
-    edited since the run, or the tag was changed to name another notebook.
+    The source notebook named by the run's `labbook.notebook` tag, when it lies inside this
+    checkout and its bytes hash to the run's recorded `labbook.notebook_sha256` (read once: what
+    was checked is what runs); the run's own executed copy `copy` when that source is gone, lies
+    outside the checkout, or the run recorded no hash (older runs). Raises ValueError (one line,
+    nothing run) when the source exists and differs: it was edited since the run, or the tag was
+    changed to name another notebook.
     """
     named = tags[Tag.NOTEBOOK]
     recorded = tags.get(Tag.NOTEBOOK_SHA256, "")
     source = Path(named) if Path(named).is_absolute() else PROJECT_ROOT / named
+    # The hash is a tag in the same store as the notebook's name: whoever can rewrite one can
+    # rewrite both. A matching source runs only inside this checkout (symlinks resolved), which a
+    # store writer cannot edit; a matching one anywhere else gives way to the run's executed copy.
+    inside = source.resolve().is_relative_to(PROJECT_ROOT.resolve())
     try:
         data = source.read_bytes() if recorded and source.is_file() else None
     except OSError:
@@ -72,8 +77,9 @@ def notebook_to_run(
                 f"the one recorded then: edited since, or the run's {Tag.NOTEBOOK} tag was changed); "
                 f"nothing was run. Restore it as of git commit {commit[:12]} to rerun"
             )
-        target.write_bytes(data)
-        return target, {**same, Tag.NOTEBOOK_SHA256: recorded}
+        if inside:
+            target.write_bytes(data)
+            return target, {**same, Tag.NOTEBOOK_SHA256: recorded}
     nbformat.write(copy, target)  # the record itself: exactly the cells that ran
     return target, {**same, Tag.NOTEBOOK_SHA256: "unknown"}  # this copy is not the source
 

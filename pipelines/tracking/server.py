@@ -81,7 +81,8 @@ def basic_auth(env: dict[str, str], auth_db: str | None = None) -> list[str]:
 
     The admin login is MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, the variables clients
     already send; users live in `auth_db` (default: `sqlite:///mlruns/basic_auth.db`, created 0600).
-    Raises ValueError when either variable is missing.
+    Raises ValueError when either variable is missing or the password breaks MLflow's rule
+    (at least 12 characters).
     """
     username, password = env.get(USERNAME_ENV), env.get(PASSWORD_ENV)
     if not username or not password:
@@ -89,6 +90,15 @@ def basic_auth(env: dict[str, str], auth_db: str | None = None) -> list[str]:
             f"--auth: set {USERNAME_ENV} and {PASSWORD_ENV}: they become the server's admin login, "
             "and clients (workers, a browser) send the same login"
         )
+    # MLflow's own password rule, asked before anything is written (it would refuse the admin
+    # login only once the server starts, after the users' database and settings exist).
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_password  # no public equivalent in MLflow 3
+
+    try:
+        _validate_password(password)
+    except MlflowException as exc:
+        raise ValueError(f"--auth: {PASSWORD_ENV}: {exc.message}") from None
     auth_db = auth_db or f"sqlite:///{Path.cwd() / 'mlruns' / 'basic_auth.db'}"
     private_sqlite(auth_db)
     config = auth_config(Path.cwd() / "mlruns" / "basic_auth.ini", auth_db, username)

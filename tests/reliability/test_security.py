@@ -238,12 +238,23 @@ def test_2_rerun_executes_the_recorded_notebook_never_whatever_a_tag_names(store
         assert refused.stderr.count("\n") == 1 and "is not the notebook the run executed" in refused.stderr
         assert not marker.exists() and len(client.search_runs([experiment])) == 1  # nothing executed, no run
 
+    # The hash tag rewritten to match the other notebook as well (the store's writer can do both):
+    # a source outside this checkout is never executed; the run's own executed copy runs.
+    client.set_tag(run_id, "labbook.notebook", str(evil))
+    client.set_tag(run_id, "labbook.notebook_sha256", hashlib.sha256(evil.read_bytes()).hexdigest())
+    forged = labbook("rerun", run_id)
+    assert forged.returncode == 0, forged.stderr[-2000:]
+    assert "verdict: exact" in forged.stdout and not marker.exists()
+    client.set_tag(run_id, "labbook.notebook", os.path.relpath(evil, PROJECT_ROOT))
+
     # Its hash tag removed as well (or a run recorded before hashes): the run's own executed copy runs.
     client.delete_tag(run_id, "labbook.notebook_sha256")
     again = labbook("rerun", run_id)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "verdict: exact" in again.stdout and not marker.exists()
-    [rerun] = client.search_runs([experiment], filter_string=f"tags.`labbook.rerun_of` = '{run_id}'")
+    rerun, _forged = client.search_runs(
+        [experiment], filter_string=f"tags.`labbook.rerun_of` = '{run_id}'", order_by=["attributes.start_time DESC"]
+    )
     assert rerun.data.tags["labbook.notebook"] == os.path.relpath(evil, PROJECT_ROOT)  # as named, not executed
     assert rerun.data.tags["labbook.notebook_sha256"] == "unknown"
 
@@ -255,7 +266,7 @@ def test_2_rerun_executes_the_recorded_notebook_never_whatever_a_tag_names(store
     nbformat.write(edited, source)
     refused = labbook("rerun", run_id)
     assert refused.returncode == 2 and "edited since" in refused.stderr, refused.stderr[-2000:]
-    assert not marker.exists() and len(client.search_runs([experiment])) == 2
+    assert not marker.exists() and len(client.search_runs([experiment])) == 3
     shutil.rmtree(evil.parent)
 
 
@@ -389,6 +400,11 @@ def test_4_and_5_labbook_ui_auth_refuses_anonymous_requests_and_keeps_its_creden
         assert (
             refused.returncode == 2 and refused.stderr.count("\n") == 1 and "MLFLOW_TRACKING_PASSWORD" in refused.stderr
         )
+        # A password MLflow's auth app would refuse once started: refused first, in one line.
+        short = labbook(
+            "ui", "--auth", cwd=home, env={"MLFLOW_TRACKING_USERNAME": "a", "MLFLOW_TRACKING_PASSWORD": "pw12345678"}
+        )
+        assert short.returncode == 2 and short.stderr.count("\n") == 1 and "at least 12" in short.stderr, short.stderr
 
         port = _free_port()
         env = {**os.environ, "MLFLOW_TRACKING_USERNAME": login[0], "MLFLOW_TRACKING_PASSWORD": login[1]}
