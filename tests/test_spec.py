@@ -378,9 +378,9 @@ def test_set_values_are_read_as_strictly_as_spec_files() -> None:
         ("LABBOOK_HEARTBEAT_SECONDS", "abc", "LABBOOK_HEARTBEAT_SECONDS='abc': expected a whole number from 1 to 3600"),
         ("LABBOOK_WARM_KERNELS", "abc", "LABBOOK_WARM_KERNELS='abc': expected a whole number from 0 to 64"),
         ("LABBOOK_OPTUNA_STORAGE", "::nope", "LABBOOK_OPTUNA_STORAGE: not a database URL"),
-        ("LABBOOK_OPTUNA_STORAGE", "sqlite:////nonexistent/dir/x.db", "folder '/nonexistent/dir' does not exist"),
+        ("LABBOOK_OPTUNA_STORAGE", "sqlite:////etc/passwd/dir/x.db", "folder '/etc/passwd/dir' cannot be made"),
         ("MLFLOW_TRACKING_URI", "notaurl", "MLFLOW_TRACKING_URI: expected a tracking server"),
-        ("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/x.db", "folder '/nonexistent' does not exist"),
+        ("MLFLOW_TRACKING_URI", "sqlite:////etc/passwd/x.db", "folder '/etc/passwd' cannot be made"),
     ],
 )
 def test_bad_labbook_environment_is_refused_before_anything_is_written(
@@ -456,7 +456,7 @@ def test_trainer_devices_are_checked_as_lightning_reads_them(accelerator: str, d
     assert "positive int" in str(caught.value) and "\n" not in str(caught.value).strip()
 
 
-@pytest.mark.parametrize("storage", ["notaurl", "sqlite:////nonexistent/x.db"])
+@pytest.mark.parametrize("storage", ["notaurl", "sqlite:////etc/passwd/x.db"])
 def test_a_bad_storage_flag_is_refused_before_anything_is_written(tmp_path: Path, storage: str) -> None:
     path = str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml")
     done = labbook("tune", path, "--storage", storage, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})

@@ -79,9 +79,12 @@ def database_url(raw: str, name: str) -> str:
     except (ArgumentError, ValueError):
         raise ValueError(f"{name}: not a database URL; expected sqlite:///mlruns/x.db, postgresql://...") from None
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folder = Path(url.database).expanduser().parent
-        if not folder.is_dir():
-            raise ValueError(f"{name}: the SQLite file's folder {str(folder)[:200]!r} does not exist")
+        folder = Path(url.database).expanduser().absolute().parent
+        # An existing folder is the store's own business (read-only, full: said where it is opened);
+        # a missing one is made by labbook, so its nearest existing ancestor must allow that.
+        existing = next(f for f in (folder, *folder.parents) if f.exists())
+        if not existing.is_dir() or (existing != folder and not os.access(existing, os.W_OK | os.X_OK)):
+            raise ValueError(f"{name}: the SQLite file's folder {str(folder)[:200]!r} cannot be made or written")
     return raw
 
 

@@ -8,11 +8,13 @@ spec's `tune.storage` or `LABBOOK_OPTUNA_STORAGE` replace it with no other chang
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,14 +31,22 @@ STORAGE_ENV = "LABBOOK_OPTUNA_STORAGE"
 
 
 def storage_url(explicit: str | None = None) -> str:
-    """`--storage`/spec, else `LABBOOK_OPTUNA_STORAGE`, else SQLite under `./mlruns/`."""
-    if explicit:
-        from pipelines.specs.environment import database_url
+    """`--storage`/spec, else `LABBOOK_OPTUNA_STORAGE`, else SQLite under `./mlruns/`.
 
-        return database_url(explicit, "--storage / tune.storage")
-    if os.environ.get(STORAGE_ENV):
-        return os.environ[STORAGE_ENV]
-    return f"sqlite:///{tracking.default_store() / 'optuna.db'}"
+    A SQLite file's folder is made, as the MLflow store's is (Optuna would fail on a missing one).
+    """
+    from pipelines.specs.environment import database_url
+
+    if explicit:
+        url = database_url(explicit, "--storage / tune.storage")
+    elif os.environ.get(STORAGE_ENV):
+        url = database_url(os.environ[STORAGE_ENV], STORAGE_ENV)
+    else:
+        return f"sqlite:///{tracking.default_store() / 'optuna.db'}"
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        with contextlib.suppress(OSError):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return url
 
 
 def heartbeat_seconds() -> int:
