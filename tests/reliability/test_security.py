@@ -448,7 +448,7 @@ def test_4_labbook_server_auth_makes_its_users_database_and_settings_private(
 
     monkeypatch.chdir(tmp_path)
     users = tmp_path / "elsewhere" / "users.db"
-    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw"}
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-long-enough"}
     previous = os.umask(0o000)  # the most permissive umask: the modes must not depend on it
     try:
         command = server_command(
