@@ -7,6 +7,7 @@ when it ends, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -107,21 +108,35 @@ def test_a_study_through_a_two_worker_job_array_runs_exactly_its_budget(slurm: N
         assert child.data.tags["labbook.slurm_job_id"] in jobs.stdout
 
 
+def _study_made(path: str = "mlruns/optuna.db", name: str = "slurm_cancel") -> bool:
+    """Whether the driver has created the study, read through a read-only connection (no migration)."""
+    import sqlite3
+
+    if not Path(path).exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def test_a_cancelled_workers_trial_is_retried_and_sigterm_on_the_driver_cancels_the_array(
     slurm: None, store: str, tmp_path: Path
 ):
     spec = study_spec(tmp_path, "slurm_cancel", n_trials=2, epochs=12)  # trials long enough to cancel one mid-fit
     env = {"LABBOOK_HEARTBEAT_SECONDS": "2"}  # a silent worker is declared dead after 6 s
+    # The store made here first: a client opened while the driver creates it would migrate it too.
+    storage, client = "sqlite:///mlruns/optuna.db", MlflowClient(store)
+    client.search_experiments()
     process = driver("tune", str(spec), "--launcher", "slurm", "--workers", "2", "--no-register", "--no-report",
                      env=env)  # fmt: skip
-    storage, client = "sqlite:///mlruns/optuna.db", MlflowClient(store)
     cancelled, deadline = None, time.monotonic() + 300
     while cancelled is None and time.monotonic() < deadline:
         assert process.poll() is None, Path("driver.log").read_text()[-3000:]
-        try:
-            trials = optuna.load_study(study_name="slurm_cancel", storage=storage).trials
-        except KeyError:
-            trials = []
+        # Only once the driver made the study: opening a storage still being created would run
+        # Optuna's migrations here too, racing the driver's ("UNIQUE constraint failed: alembic_version").
+        trials = optuna.load_study(study_name="slurm_cancel", storage=storage).trials if _study_made() else []
         for t in trials:
             running_for = time.time() - t.datetime_start.timestamp() if t.datetime_start else 0
             if t.state.name == "RUNNING" and t.user_attrs.get("mlflow_run_id") and running_for > 3:
