@@ -242,21 +242,26 @@ def _open_store(uri: str, barrier, results) -> None:  # noqa: ANN001 - multiproc
         results.put(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def test_commands_opening_a_new_store_at_once_all_succeed_and_share_one_store(tmp_path: Path) -> None:
-    """MLflow migrates a new SQLite store in whichever process opens it first: two at once broke it."""
+def open_at_once(uri: str, processes: int = 4, timeout: float = 180) -> list[str]:
+    """`processes` forked processes open the new store `uri` at the same moment; what each said."""
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(processes), context.Queue()
+    started = [context.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(processes)]
+    for process in started:
+        process.start()
+    said = [results.get(timeout=timeout) for _ in started]
+    for process in started:
+        process.join(timeout=60)
+    return said
+
+
+def test_commands_opening_a_new_store_at_once_all_succeed_and_share_one_store(tmp_path: Path) -> None:
+    """MLflow migrates a new SQLite store in whichever process opens it first: two at once broke it."""
     for attempt in range(2):
         uri = f"sqlite:///{tmp_path / str(attempt) / 'mlruns' / 'mlflow.db'}"
-        barrier, results = context.Barrier(4), context.Queue()
-        processes = [context.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(4)]
-        for process in processes:
-            process.start()
-        said = [results.get(timeout=120) for _ in processes]
-        for process in processes:
-            process.join(timeout=60)
-        assert said == ["ok"] * 4
+        assert open_at_once(uri, timeout=120) == ["ok"] * 4
         assert len(MlflowClient(uri).search_experiments()) == 5  # theirs and Default
 
 

@@ -296,20 +296,10 @@ def test_torchrun_launches_the_notebooks_code_on_two_ranks_and_rank_zero_alone_l
 def test_processes_opening_a_new_postgresql_store_at_once_all_succeed(database: Callable[[str], str]) -> None:
     """MLflow migrates a new PostgreSQL store in every process that opens it: 4 at once raced on
     alembic's tables. `tracking.client` takes a database-wide advisory lock while opening one."""
-    import multiprocessing
-
     from mlflow import MlflowClient
 
-    from tests.test_run import _open_store
+    from tests.test_run import open_at_once
 
-    context = multiprocessing.get_context("fork")
     uri = database("mlflow").replace("postgresql://", "postgresql+psycopg://", 1)
-    barrier, results = context.Barrier(4), context.Queue()
-    processes = [context.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(4)]
-    for process in processes:
-        process.start()
-    said = [results.get(timeout=180) for _ in processes]
-    for process in processes:
-        process.join(timeout=60)
-    assert said == ["ok"] * 4
+    assert open_at_once(uri) == ["ok"] * 4
     assert len(MlflowClient(uri).search_experiments()) == 5  # theirs and Default
