@@ -30,11 +30,9 @@ from pipelines.specs.spec_io import (
     MAX_NAME,
     PROJECT_ROOT,
     SpecError,
-    bounded,
-    notebook_problem,
+    check_notebook,
     one_line,
     read_yaml,
-    shown,
 )
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
@@ -312,11 +310,7 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
                     raise SpecError(f"{where}.student.{exc}") from None
     elif isinstance(step, NotebookStep):
         notebook = notebook_path(step.notebook, path)
-        if not notebook.exists():
-            raise SpecError(bounded(f"{where}.notebook: no such notebook {shown(step.notebook, 200)}"))
-        problem = notebook_problem(notebook)
-        if problem is not None:
-            raise SpecError(bounded(f"{where}.notebook: {shown(step.notebook, 200)}: {problem}"))
+        check_notebook(notebook, step.notebook, f"{where}.")
         import papermill
 
         declared = set(papermill.inspect_notebook(str(notebook)))

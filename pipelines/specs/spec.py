@@ -28,7 +28,7 @@ from pipelines.specs.spec_io import (
     PROJECT_ROOT,
     SpecError,
     bounded,
-    notebook_problem,
+    check_notebook,
     one_line,
     read_yaml,
     shown,
@@ -322,12 +322,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec
         raise SpecError(one_line(exc, str(path))) from None
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
-    notebook = spec.notebook_path(path.parent)
-    if not notebook.exists():
-        raise SpecError(bounded(f"{path}: notebook: no such notebook {shown(spec.notebook, 200)}"))
-    problem = notebook_problem(notebook)
-    if problem is not None:
-        raise SpecError(bounded(f"{path}: notebook: {shown(spec.notebook, 200)}: {problem}"))
+    check_notebook(spec.notebook_path(path.parent), spec.notebook, f"{path}: ")
     return spec
 
 

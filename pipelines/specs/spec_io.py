@@ -94,6 +94,16 @@ def read_yaml(path: Path) -> Any:
 MAX_NOTEBOOK_BYTES = 64 * 2**20  # a source notebook is kB to a few MB (with plots); past this it is not one
 
 
+def check_notebook(notebook: Path, named: str, where: str) -> None:
+    """Raise SpecError (`<where>.notebook: ...`, one bounded line) unless `notebook` is a
+    parameterized notebook (`notebook_problem`); `named` is the path as the spec wrote it."""
+    if not notebook.exists():
+        raise SpecError(bounded(f"{where}notebook: no such notebook {shown(named, 200)}"))
+    problem = notebook_problem(notebook)
+    if problem is not None:
+        raise SpecError(bounded(f"{where}notebook: {shown(named, 200)}: {problem}"))
+
+
 def notebook_problem(path: Path) -> str | None:
     """Why `path` cannot be a notebook a run executes, in one line quoting none of its contents; None when it can.
 
