@@ -22,7 +22,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from pipelines.tracking import driver, tracking
+from pipelines.tracking import driver, staged, tracking
 from pipelines.tracking.tags import Tag
 
 CONNECTION_FILE_MIN_AGE = 30.0  # seconds: a younger file may belong to a kernel still starting
@@ -104,9 +104,12 @@ def _close(client: MlflowClient, uri: str, run: Run, reason: str) -> tuple[bool,
 
 
 def _attach_partial(client: MlflowClient, uri: str, run_id: str) -> str | None:
-    """The executed-so-far notebook papermill left in the run's output folder, attached with its HTML."""
+    """The executed-so-far notebook papermill left in the run's output folder, attached with its HTML,
+    and the plots, tables and checkpoints its kernel staged for the dead driver to upload."""
     folder = tracking.output_dir(uri, run_id)
     attached = None
+    with contextlib.suppress(Exception):  # what the kernel staged for its dead driver to upload
+        staged.upload(client, run_id, staged.folder(folder))
     for ipynb in sorted(folder.glob("*.ipynb")) if folder.is_dir() else []:
         with contextlib.suppress(Exception):  # the run is closed already; a notebook is a bonus
             client.log_artifact(run_id, str(ipynb), "notebook")

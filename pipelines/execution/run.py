@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.execution import notebook, resume
-from pipelines.tracking import tracking
+from pipelines.execution import closing, notebook, resume
+from pipelines.tracking import staged, tracking
 from pipelines.tracking.tags import Tag
 
 if TYPE_CHECKING:
+    from pipelines.execution.closing import RunCloser
     from pipelines.kernels.kernel_pool import KernelPool
     from pipelines.specs.spec import Spec
 
@@ -38,6 +39,7 @@ def run_training(
     on_run: Callable[[str], None] | None = None,
     kernels: KernelPool | None = None,
     resume_key: str | None = None,
+    closer: RunCloser | None = None,
 ) -> RunResult:
     """The spec's notebook with the spec's parameters, as one run of the spec's experiment.
 
@@ -71,6 +73,7 @@ def run_training(
             progress_bar=progress_bar,
             on_run=on_run,
             kernels=kernels,
+            closer=closer,
         )
         ended = result.error is None or result.pruned
     finally:
@@ -89,12 +92,16 @@ def run_notebook(
     progress_bar: bool = True,
     on_run: Callable[[str], None] | None = None,
     kernels: KernelPool | None = None,
+    closer: RunCloser | None = None,
 ) -> RunResult:
     """Create the run, execute the notebook into it, attach the executed copy, close it.
 
     The run exists before the notebook starts, so a notebook that dies early still leaves a
     FAILED run with whatever it had logged and its partly executed notebook. `on_run` hears
-    the run id before the notebook starts (a study records it on the trial).
+    the run id before the notebook starts (a study records it on the trial). With `closer`
+    (a study's driver), the run is closed in its background thread once the kernel is
+    released (`closing.close`): the result then holds the notebook's own outcome, and
+    `status` is RUNNING. An interrupted notebook is always closed here, before Ctrl-C goes on.
     """
     uri = tracking.tracking_uri()
     mlflow = tracking.client(uri)
@@ -104,6 +111,7 @@ def run_notebook(
     if on_run is not None:
         on_run(run_id)
     output_dir = tracking.output_dir(uri, run_id)
+    staging = staged.folder(output_dir)
     executed = notebook.execute(
         nb_path,
         output_dir,
@@ -114,26 +122,17 @@ def run_notebook(
             "run_id": run_id,
             "parent_run_id": parent_run_id or "",
             "output_dir": str(output_dir),
+            "artifacts_dir": str(staging),
         },
         progress_bar=progress_bar,
         kernels=kernels,
+        render=False,  # in `closing.close`: off the critical path where a closer runs it
     )
-    error = executed.error
-    try:
-        notebook.attach(mlflow, run_id, executed)
-    except Exception as exc:  # an unwritable or full artifact store: the run fails, saying where
-        where = mlflow.get_run(run_id).info.artifact_uri
-        attached = (
-            f"attaching the executed notebook to {where} failed: {type(exc).__name__}: {exc}; "
-            f"it is kept at {executed.ipynb}"
-        )
-        error = f"{error}; {attached}" if error else attached
-    pruned = executed.pruned and error == executed.error
-    if pruned:
-        mlflow.set_tag(run_id, Tag.PRUNED, executed.error)
-        tracking.finish_run(mlflow, run_id)
+    if closer is not None and not executed.interrupted:
+        closer.submit(lambda: closing.close(tracking.client(uri), run_id, executed, staging), run_id)
+        error, pruned = executed.error, executed.pruned
     else:
-        tracking.finish_run(mlflow, run_id, error)
+        error, pruned = closing.close(mlflow, run_id, executed, staging)
     if executed.interrupted:
         raise executed.interrupted
     run = mlflow.get_run(run_id)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
 from pipelines.specs.spec import TRACKING_PARAMETERS, hyperparameters, notebook_parameters
-from pipelines.tracking import tracking
+from pipelines.tracking import staged, tracking
 from pipelines.tracking.tags import Attr, Tag
 from pipelines.tracking.tracking import record_outputs
 
@@ -60,6 +60,35 @@ class OneWriterLogger(MLFlowLogger):
             tracking.log_params(self.experiment, self.run_id, _flatten_dict(_convert_params(params)))
 
 
+class _AwaitedClient:
+    """An `MlflowClient` that remembers the operations of its asynchronous `log_batch` calls.
+
+    MLflow's asynchronous logging (`log_batch(..., synchronous=False)`, MLflow >= 2.8) queues a
+    batch and returns at once; a batch that fails is only logged by MLflow's queue thread. `wait()`
+    waits for every queued batch and raises the first failure, so a metric that was not written
+    fails the notebook (and so the run) instead of vanishing. Everything else is the client's own.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._pending: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> Any:
+        operations = self._client.log_batch(*args, **kwargs)
+        if operations is not None:  # synchronous calls return None
+            self._pending.append(operations)
+        return operations
+
+    def wait(self) -> None:
+        """Block until every queued batch is written; raises the first batch's error, if any."""
+        pending, self._pending = self._pending, []
+        for operations in pending:
+            operations.wait()
+
+
 class DriverOwnedLogger(OneWriterLogger):
     """Lightning's MLflow logger on a run that the process driving the notebook owns.
 
@@ -67,9 +96,25 @@ class DriverOwnedLogger(OneWriterLogger):
     notebook still runs: killed then, the record said FINISHED with no notebook attached. Here
     it only logs what it would log; the driver (`labbook run`, a study) closes the run after it
     attached the executed notebook.
+
+    Metrics are logged asynchronously (Lightning's `synchronous=False`, MLflow's async queue):
+    an epoch's batch no longer waits for the store. `finalize` (end of fit and of test) and
+    `flush` wait for every queued batch and raise the first one that failed. With
+    `artifacts_dir` (given by the driver), plots, tables, texts and checkpoints are staged there
+    for the driver to upload after the kernel is released (`pipelines.tracking.staged`).
     """
 
+    def __init__(self, *args: Any, artifacts_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, synchronous=False, **kwargs)
+        self._mlflow_client = _AwaitedClient(self._mlflow_client)
+        self.artifacts_dir = artifacts_dir or None
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is in the store (raises the first failure)."""
+        self._mlflow_client.wait()
+
     def finalize(self, status: str = "success") -> None:
+        self.flush()
         if self._initialized and self._checkpoint_callback:
             self._scan_and_log_checkpoints(self._checkpoint_callback)
 
@@ -97,7 +142,21 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
             parent_run_id=params.get("parent_run_id") or None,
         )
     tracking.log_params(client, run_id, hyperparameters(params), tags=tags)
-    return (DriverOwnedLogger if owned else OneWriterLogger)(tracking_uri=uri, run_id=run_id)
+    if owned:
+        return DriverOwnedLogger(tracking_uri=uri, run_id=run_id, artifacts_dir=params.get("artifacts_dir"))
+    return OneWriterLogger(tracking_uri=uri, run_id=run_id)
+
+
+def _staged(logger: MLFlowLogger, artifact_path: str) -> Path | None:
+    """Where `artifact_path` waits for the driver to upload it, or None: upload it now."""
+    folder = getattr(logger, "artifacts_dir", None)
+    return staged.path(folder, artifact_path) if folder else None
+
+
+def flush(logger: MLFlowLogger) -> None:
+    """Wait until everything `logger` queued is in the store (a no-op for a synchronous logger)."""
+    if callable(getattr(logger, "flush", None)):
+        logger.flush()
 
 
 def lesson_run(
@@ -261,8 +320,12 @@ def check_pruned(callbacks: list[Any]) -> None:
 
 
 def log_text(logger: MLFlowLogger, text: str, path: str) -> None:
-    """Attach a piece of text (a generated sample, a report) as an artifact at `path`."""
+    """Attach a piece of text (a generated sample, a report) as an artifact at `path` (staged under a driver)."""
     if not is_rank_zero():
+        return
+    target = _staged(logger, path)
+    if target is not None:
+        target.write_text(text, encoding="utf-8")
         return
     logger.experiment.log_text(logger.run_id, text, path)
 
@@ -297,6 +360,7 @@ def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "
     """
     import pandas as pd
 
+    flush(logger)  # the last epoch's metrics may still be queued
     client, run_id = logger.experiment, logger.run_id
     names = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefixes)]
     # Lightning logs `epoch` beside every epoch-level metric: rows are real epochs, so a run
@@ -319,15 +383,23 @@ def metrics_frame(logger: MLFlowLogger, prefixes: tuple[str, ...] = ("train_", "
 
 
 def log_figure(logger: MLFlowLogger, figure: Any, name: str) -> None:
-    """Attach a matplotlib figure as `plots/<name>.png`."""
+    """Attach a matplotlib figure as `plots/<name>.png` (staged for the driver to upload, under one)."""
     if not is_rank_zero():
+        return
+    target = _staged(logger, f"plots/{name}.png")
+    if target is not None:
+        figure.savefig(target)  # what MLflow's log_figure does, into the staging folder
         return
     logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
 
 
 def log_table(logger: MLFlowLogger, frame: Any, name: str) -> None:
-    """Attach a pandas DataFrame as `tables/<name>.csv`."""
+    """Attach a pandas DataFrame as `tables/<name>.csv` (staged for the driver to upload, under one)."""
     if not is_rank_zero():
+        return
+    target = _staged(logger, f"tables/{name}.csv")
+    if target is not None:
+        frame.to_csv(target, index=False)
         return
     import tempfile
 
@@ -354,9 +426,13 @@ def log_model(
     import mlflow.pytorch
     import torch
 
+    flush(logger)
     for path in (checkpoint, last_checkpoint):
         if path and Path(path).exists():
-            logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
+            if getattr(logger, "artifacts_dir", None):
+                staged.stage_file(logger.artifacts_dir, path, "checkpoints")
+            else:
+                logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
     mlflow.set_tracking_uri(logger._tracking_uri)
     module = module.cpu().eval()
     # The requirements, stated: MLflow would otherwise infer them by loading the model again
@@ -379,6 +455,7 @@ __all__ = [
     "TRACKING_PARAMETERS",
     "callbacks",
     "check_pruned",
+    "flush",
     "checkpoint_dir",
     "hyperparameters",
     "is_rank_zero",

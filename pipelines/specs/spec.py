@@ -356,6 +356,7 @@ TRACKING_PARAMETERS = (
     "monitor",
     "monitor_mode",
     "checkpoint_dir",
+    "artifacts_dir",
 )
 
 

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from pipelines.errors import reason
 from pipelines.execution import notebook, resume
+from pipelines.execution.closing import RunCloser
 from pipelines.execution.run import run_training
 from pipelines.kernels.env import ENV_PID
 from pipelines.specs.spec import Spec, SpecError
@@ -213,6 +214,7 @@ class _Worker:
         self.console = console
         self.mlflow = tracking.client()
         self.kernels: KernelPool | None = None  # set while `run` runs
+        self.closer: RunCloser | None = None  # likewise
 
     def budget_left(self, study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None) -> int | None:
         if self.handle.n_trials is None:
@@ -288,6 +290,7 @@ class _Worker:
             # On the trial at once: if this worker dies, whoever fails the trial closes the run.
             on_run=lambda run_id: trial.set_user_attr(Attr.RUN_ID, run_id),
             kernels=self.kernels,
+            closer=self.closer,
             resume_key=resume_key,  # a retry of a dead worker's trial resumes its checkpoints
         )
 
@@ -312,9 +315,11 @@ class _Worker:
         is failed by the first live worker to check (`fail_stale_trials`), and the retry it
         enqueues frees one trial of budget, which this loop then runs.
         """
-        with notebook.warm_kernels(tracking_uri=tracking.tracking_uri()) as self.kernels:
+        # Trial n's run is closed (HTML, uploads) in the closer's thread while trial n+1 runs;
+        # leaving the block waits for every close.
+        with notebook.warm_kernels(tracking_uri=tracking.tracking_uri()) as self.kernels, RunCloser() as self.closer:
             self._run_trials(timeout)
-        self.kernels = None
+        self.kernels = self.closer = None
 
     def _run_trials(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

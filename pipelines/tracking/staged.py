@@ -1,0 +1,71 @@
+"""Artifacts a notebook kernel leaves on disk for its driver to upload after the kernel is released.
+
+Under a driver (`labbook run`, a study's trial, a pipeline step), the train notebook does not
+upload its plots, tables, texts and checkpoints itself: it writes them under the run's
+`<output dir>/staged/<artifact path>`, and the driver uploads that folder, with the executed
+notebook, before it closes the run (`upload`). In a study the driver does this in a background
+thread while the next trial runs, so uploads are off the trial's critical path (issue 26). The
+run is closed only after the upload; a failed upload closes it FAILED, saying what failed. A
+driver that died first leaves the folder behind: `labbook reap` uploads it when it closes the run.
+
+Written by hand: MLflow has no "stage now, upload later" for run artifacts (its asynchronous
+artifact logging runs inside the logging process, which here is the kernel that must be released).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+FOLDER = "staged"
+
+
+def folder(output_dir: str | os.PathLike) -> Path:
+    """The run's staging folder, `<output_dir>/staged` (not made here)."""
+    return Path(output_dir) / FOLDER
+
+
+def path(staging: str | os.PathLike, artifact_path: str) -> Path:
+    """Where the artifact `artifact_path` (`plots/learning_curves.png`) waits: its folder is made.
+
+    Raises `ValueError` for a path that leaves the staging folder (`..`, absolute).
+    """
+    root = Path(staging).resolve()
+    target = (root / artifact_path).resolve()
+    if root not in target.parents:
+        raise ValueError(f"artifact path {artifact_path!r} leaves the run's staging folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def stage_file(staging: str | os.PathLike, source: str | os.PathLike, artifact_dir: str) -> Path:
+    """`source` staged under `artifact_dir/<its name>`: a hard link where the file system allows
+    (a checkpoint is not copied twice), else a copy."""
+    target = path(staging, f"{artifact_dir}/{Path(source).name}")
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
+def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int:
+    """Upload every staged file to the run's artifacts (same relative paths), then remove them.
+
+    Returns the number of files uploaded (0 when nothing was staged). Raises whatever the
+    artifact store raised (a full disk, a refusing server): the caller fails the run with it.
+    """
+    root = Path(staging)
+    if not root.is_dir():
+        return 0
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if files:
+        client.log_artifacts(run_id, str(root))
+    shutil.rmtree(root, ignore_errors=True)
+    return len(files)

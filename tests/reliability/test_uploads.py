@@ -1,0 +1,147 @@
+"""Uploads off the critical path lose nothing (issue 26, item 2).
+
+Under a driver the train notebook stages its plots, tables and checkpoints in the run's
+`staged/` folder and logs metrics asynchronously; the driver uploads after the kernel is
+released (a study: in a background thread while the next trial runs) and closes the run only
+then. Real notebooks, processes and stores; a failure is a real one (a file where the artifact
+store needs a folder, a run that does not exist), never a mock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from pipelines.tracking import staged, tracking
+from tests.conftest import labbook
+from tests.reliability.test_record import TINY, _runs, _spec, _start, _train_notebook_with, _wait
+
+EXPECTED = {
+    "checkpoints/last.ckpt",
+    "notebook/train.html",
+    "notebook/train.ipynb",
+    "plots/learning_curves.png",
+    "plots/residuals.png",
+    "tables/metrics_per_epoch.csv",
+}
+
+
+def _artifacts(store: str, run_id: str, under: str = "") -> set[str]:
+    client = tracking.client(store)
+    found: set[str] = set()
+    for item in client.list_artifacts(run_id, under or None):
+        found |= _artifacts(store, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def _staging(store: str, run_id: str) -> Path:
+    return staged.folder(tracking.output_dir(store, run_id))
+
+
+def test_a_study_closes_every_trial_run_with_all_its_files_after_the_next_trial_started(
+    store: str, tmp_path: Path
+) -> None:
+    spec = {
+        **TINY,
+        "trainer": {**TINY["trainer"], "max_epochs": 2},
+        "tune": {
+            "metric": "val_r2",
+            "direction": "maximize",
+            "n_trials": 3,
+            "sampler": {"name": "random", "seed": 3},
+            "pruner": {"name": "none"},
+            "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}},
+        },
+    }
+    path = tmp_path / "tiny_tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    done = labbook("tune", str(path), "--storage", storage, "--no-register", "--no-report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    trial_runs = [r for r in _runs(store) if "labbook.trial_number" in r.data.tags]
+    assert len(trial_runs) == 3
+    for run in trial_runs:
+        assert run.info.status == "FINISHED", run.data.tags.get("labbook.error")
+        assert run.data.tags["labbook.trial_state"] == "COMPLETE"
+        assert _artifacts(store, run.info.run_id) >= EXPECTED, run.info.run_id
+        assert len(tracking.client(store).get_metric_history(run.info.run_id, "val_loss")) == 2  # none lost
+        assert not _staging(store, run.info.run_id).exists()  # uploaded, then removed
+
+
+def _notebook_breaking_the_artifact_store(tmp_path: Path) -> Path:
+    """The train notebook with a cell, after the plots were staged, that puts a file where the
+    run's artifact store needs its `plots/` folder: the driver's upload of the plots then fails."""
+    source = (
+        "from pathlib import Path\n"
+        "from urllib.parse import urlparse\n"
+        "from mlflow import MlflowClient\n"
+        "root = Path(urlparse(MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri).path)\n"
+        "root.mkdir(parents=True, exist_ok=True)\n"
+        "(root / 'plots').write_text('in the way')\n"
+    )
+    return _train_notebook_with(tmp_path, source, after='nb.log_figure(logger, fig, "learning_curves")')
+
+
+def test_a_failed_upload_closes_the_run_failed_saying_what_failed_and_keeps_the_files(
+    store: str, tmp_path: Path
+) -> None:
+    done = labbook("run", str(_spec(tmp_path, notebook=str(_notebook_breaking_the_artifact_store(tmp_path)))))
+    assert done.returncode != 0
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED"
+    error = run.data.tags["labbook.error"]
+    assert error.startswith("uploading the run's plots, tables and checkpoints failed"), error
+    assert "\n" not in error and len(error) <= 500
+    kept = _staging(store, run.info.run_id)
+    assert (kept / "plots" / "learning_curves.png").is_file()  # nothing lost: still on disk
+    assert "notebook/slow_end.ipynb" in _artifacts(store, run.info.run_id)  # the record says what ran
+
+
+def test_files_staged_for_a_driver_that_died_are_uploaded_by_reap(store: str, tmp_path: Path) -> None:
+    marker = tmp_path / "staged_then_wait"
+    nb = _train_notebook_with(
+        tmp_path,
+        f"open({str(marker)!r}, 'w').close()\nimport time\ntime.sleep(600)",
+        after='nb.log_table(logger, curves.reset_index(), "metrics_per_epoch")',
+    )
+    process = _start("run", str(_spec(tmp_path, notebook=str(nb))))
+    _wait(marker.exists, process)
+    (run,) = _runs(store)
+    assert (_staging(store, run.info.run_id) / "plots" / "learning_curves.png").is_file()
+    process.kill()  # the driver dies with the plots staged, not uploaded
+    process.wait()
+    done = labbook("reap")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = _runs(store)
+    assert run.info.status == "FAILED" and run.data.tags["labbook.error"].startswith("driver died")
+    assert {"plots/learning_curves.png", "tables/metrics_per_epoch.csv"} <= _artifacts(store, run.info.run_id)
+
+
+@pytest.mark.fast
+def test_an_asynchronous_metric_batch_that_failed_is_raised_by_the_loggers_flush(store: str) -> None:
+    from pipelines.nb.in_notebook import DriverOwnedLogger
+
+    client = tracking.client(store)
+    run_id = tracking.start_run(client, "tiny", run_name="async")
+    logger = DriverOwnedLogger(tracking_uri=store, run_id=run_id)
+    logger.log_metrics({"val_loss": 0.5}, step=0)
+    logger.flush()
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [0.5]
+    client.delete_run(run_id)  # a deleted run takes no metrics: this batch fails in MLflow's thread
+    logger.log_metrics({"val_loss": 0.4}, step=1)
+    with pytest.raises(Exception, match="deleted|active"):
+        logger.flush()
+
+
+@pytest.mark.fast
+def test_a_staged_artifact_path_cannot_leave_the_staging_folder(tmp_path: Path) -> None:
+    staging = tmp_path / "staged"
+    assert staged.path(staging, "plots/a.png") == (staging / "plots" / "a.png").resolve()
+    for bad in ("../escape.png", "/etc/passwd", "plots/../../x"):
+        with pytest.raises(ValueError, match="leaves the run's staging folder"):
+            staged.path(staging, bad)
