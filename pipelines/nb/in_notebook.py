@@ -191,7 +191,9 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     """Optuna's Lightning pruning callback for this notebook's trial, or None outside a study.
 
     The trial is rebuilt from the shared storage by study name and trial number, with the
-    pruner the study was created with, so every epoch's value reaches the driver's trial.
+    pruner the study was created with, so every epoch's value reaches the driver's trial. The
+    storage is Optuna's, reading the other trials lighter (`study.pruning_storage`): a fresh
+    kernel's first pruning check would otherwise load every trial of the study in full.
     """
     if not params.get("optuna_storage") or int(params.get("trial_number", -1)) < 0:
         return None
@@ -201,7 +203,7 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     from pipelines.specs.tune_spec import PrunerSpec
     from pipelines.study import study
 
-    storage = study.storage(params["optuna_storage"])
+    storage = study.pruning_storage(params["optuna_storage"])
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
     loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})))
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
