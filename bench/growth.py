@@ -173,12 +173,14 @@ def kernel_side(
     cwd: Path | None = None,
     progress_bar: bool = True,
     kernels: Any = None,
+    render: bool = True,
 ) -> notebook.ExecutedNotebook:
     """In place of `notebook.execute`: what the train notebook's kernel does to the stores, no training.
 
     The logger's params (`in_notebook.mlflow_logger` logs them the same way), the pruning callback
     rebuilt from the shared storage (`in_notebook.pruning_callback`), one `log_batch` and one
-    `report` + `should_prune` per epoch, then an executed notebook and its HTML for the driver to attach.
+    `report` + `should_prune` per epoch, then an executed notebook and its HTML for the driver to attach
+    (with `render=False`, as `notebook.execute`, the HTML is left to the driver's run closer).
     """
     started = time.perf_counter()
     client = tracking.client(parameters["tracking_uri"])
@@ -207,7 +209,7 @@ def kernel_side(
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(f"val_r2 = {value}")]
     nbformat.write(nb, ipynb)
-    html = notebook.render_html(ipynb)
+    html = notebook.render_html(ipynb) if render else None
     KERNEL_SECONDS.append(time.perf_counter() - started)
     return notebook.ExecutedNotebook(ipynb=ipynb, html=html, error=error)
 
