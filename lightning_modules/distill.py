@@ -70,8 +70,7 @@ class Distill(SupervisedModule):
         with torch.no_grad():
             teacher = self.teacher(x)
         loss = distillation_loss(output, teacher, y, self.hparams.alpha, self.hparams.temperature)
-        self.train_mean_loss.update(loss.detach(), weight=y.shape[0])
-        self.train_metrics.update(*self.metric_inputs(output, y))
+        self._update_metrics("train", loss.detach(), y.shape[0], self.metric_inputs(output, y))
         if batch_idx == 0:
             _log_split(self, "train")
         return loss

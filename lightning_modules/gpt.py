@@ -162,6 +162,7 @@ class GPT(SupervisedModule):
     monitor = ("val_loss", "min")
     metric_names = ("loss", "ppl")
     input_kind = "tokens"
+    metric_batches = 1  # its metric inputs are (B, T, vocabulary) logits: not worth keeping
     rules = ("heads_divide_width",)
 
     @checked

@@ -157,3 +157,63 @@ def test_unknown_names_list_the_known_ones() -> None:
         build_model(
             {"model": "mlp_regressor", "data": "digits"}, build_data({"model": "mlp_regressor", "data": "digits"})
         )
+
+
+class _EveryEpochMetrics(L.Callback):
+    """Every epoch metric as a callback sees it at the earliest epoch-end hook, sanity check included."""
+
+    def __init__(self, stop_at_batch: int | None = None) -> None:
+        self.seen: list[dict[str, float]] = []
+        self.stop_at_batch = stop_at_batch
+
+    def _keep(self, trainer: L.Trainer, when: str) -> None:
+        self.seen.append({"when": when, **{k: float(v) for k, v in sorted(trainer.callback_metrics.items())}})
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._keep(trainer, "sanity" if trainer.sanity_checking else "val")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._keep(trainer, "train")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._keep(trainer, "test")
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
+        if self.stop_at_batch is not None and trainer.global_step == self.stop_at_batch:
+            trainer.should_stop = True  # a stop mid-epoch (pruning, early stopping, a non-finite loss)
+
+
+def _metrics_with(metric_batches: int, name: str, stop_at_batch: int | None = None, **fit: object) -> list[dict]:
+    L.seed_everything(3)
+    model, datamodule = build(name, batch_size=16)
+    model.metric_batches = metric_batches
+    seen = _EveryEpochMetrics(stop_at_batch)
+    run = trainer(callbacks=[seen], enable_checkpointing=False, **fit)
+    run.fit(model, datamodule=datamodule)
+    run.test(model, datamodule=datamodule)
+    return seen.seen
+
+
+@pytest.mark.parametrize(
+    ("name", "fit"),
+    [
+        ("mlp_regressor", {"max_epochs": 2}),
+        ("mlp_classifier", {"max_epochs": 2, "num_sanity_val_steps": 3}),
+        ("mlp_regressor", {"max_epochs": 2, "limit_train_batches": 21, "limit_val_batches": 5}),
+        ("mlp_classifier", {"max_epochs": 1, "val_check_interval": 0.5}),
+        ("mlp_regressor", {"max_epochs": 3, "stop_at_batch": 40}),
+    ],
+    ids=["plain", "sanity-check", "limited-batches", "mid-epoch-validation", "stopped-mid-epoch"],
+)
+def test_metrics_updated_once_per_16_steps_equal_per_step_updates_at_every_epoch_end(name: str, fit: dict) -> None:
+    """The module keeps 16 steps' metric inputs for one torchmetrics update: every value a callback,
+    a checkpoint or MLflow sees at an epoch's end is the per-step one (float sums, rel 1e-5)."""
+    stop = fit.pop("stop_at_batch", None)
+    per_step = _metrics_with(1, name, stop, **fit)
+    batched = _metrics_with(16, name, stop, **fit)
+    assert [s["when"] for s in batched] == [s["when"] for s in per_step]
+    assert {"train", "val", "test"} <= {s["when"] for s in per_step}
+    for one, many in zip(per_step, batched, strict=True):
+        when = one.pop("when"), many.pop("when")
+        assert many.keys() == one.keys(), when
+        assert many == pytest.approx(one, rel=1e-5), when
