@@ -453,9 +453,17 @@ def log_model(
     # (FINISHED) while the notebook still runs; only the run's driver may close it. With no active
     # run, MLflow 3 creates the logged model in the *current* experiment, and `runs:/<id>/model`
     # finds a run's model only in the run's own experiment: make that the current one.
-    mlflow.set_experiment(experiment_id=logger.experiment.get_run(logger.run_id).info.experiment_id)
+    mlflow.set_experiment(experiment_id=logger.experiment_id)  # Lightning read it from the run at start
+    # `validate_serving_input=False`: MLflow would load the saved model back and predict on the
+    # example to check it serves (a fifth of log_model's time on the trial's path); the tests load
+    # every kind of model back with `mlflow.pytorch.load_model` instead.
     info = mlflow.pytorch.log_model(
-        module, name="model", input_example=example, pip_requirements=[f"torch=={torch_version}"], run_id=logger.run_id
+        module,
+        name="model",
+        input_example=example,
+        pip_requirements=[f"torch=={torch_version}"],
+        run_id=logger.run_id,
+        validate_serving_input=False,
     )
     # MLflow 3 keeps the model apart from run artifacts; its own URI is what the registry takes.
     set_tag(logger, "model_uri", info.model_uri)
