@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from pipelines.specs.spec import PROJECT_ROOT, SpecError, load_spec
 from pipelines.tracking.champion import promote
+from pipelines.tracking.records import recorded_parameters
 from tests.conftest import LABBOOK, labbook, metric_only_notebook
 
 SPECS = PROJECT_ROOT / "pipelines"
@@ -207,7 +208,11 @@ def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_pa
     raw["notebook"] = str(metric_only_notebook(tmp_path, seconds=4))  # the sharing is under test, not training
     spec = write_spec(tmp_path, raw)
     env = {"LABBOOK_WARM_KERNELS": "0"}
-    done = labbook("tune", str(spec), "--n-trials", "4", "--workers", "2", "--no-register", "--no-report", env=env)
+    # --set reaches every worker's trials, not only the driver's (the other worker reads the file again)
+    settings = ["--set", "max_epochs=7", "--set", "noise=2.5e-05", "--set", "hidden_sizes=[12, 6]"]
+    done = labbook(
+        "tune", str(spec), "--n-trials", "4", "--workers", "2", "--no-register", "--no-report", *settings, env=env
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     trials = optuna.load_study(study_name="regression_tune", storage=optuna_url).trials
     assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
@@ -217,6 +222,11 @@ def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_pa
     _, parents, children = runs_of(store, "regression-tune")
     assert len(parents) == 1 and len(children) == 4
     assert sorted(int(c.data.tags["labbook.trial_number"]) for c in children) == [0, 1, 2, 3]
+    for child in children:
+        _, injected = recorded_parameters(child.info.run_id)
+        assert (injected["max_epochs"], injected["noise"], injected["hidden_sizes"]) == (7, 2.5e-05, [12, 6]), (
+            child.data.tags["labbook.trial_number"]
+        )
 
 
 def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(store: str, optuna_url: str) -> None:

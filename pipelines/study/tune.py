@@ -425,8 +425,31 @@ def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:
         command += ["--n-trials", str(handle.n_trials)]
     if handle.timeout is not None:
         command += ["--timeout", str(handle.timeout)]
+    command += _setting_flags(handle)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def _setting_flags(handle: Study) -> list[str]:
+    """`--set name=value` for every setting the driver trains with that its spec file does not say.
+
+    A worker process reads the spec file again: without these, `--set` on `labbook tune` and a
+    pipeline step's `set:` reached only the driver's own trials, and the other workers' trials of
+    the same study trained with the file's settings (seen: `--set max_epochs=30 --workers 2`
+    trained every other trial for the file's 3 epochs). Values are written as YAML flow, which
+    `--set` reads back to the same value (floats keep their dot: `1.0e-05`).
+    """
+    import yaml
+
+    from pipelines.specs.spec import load_spec
+
+    on_file = load_spec(handle.spec_path).parameters()
+    flags: list[str] = []
+    for name, value in handle.spec.parameters().items():
+        if name not in on_file or on_file[name] != value:
+            shown = yaml.safe_dump(value, default_flow_style=True, width=math.inf).removesuffix("...\n").strip()
+            flags += ["--set", f"{name}={shown}"]
+    return flags
 
 
 def tune(
