@@ -229,6 +229,30 @@ def test_two_workers_share_one_study_exactly(store: str, optuna_url: str, tmp_pa
         )
 
 
+def test_a_worker_whose_settings_differ_from_the_studys_is_refused_before_any_trial(
+    store: str, optuna_url: str, tmp_path: Path
+) -> None:
+    """A `labbook worker` started on the spec file without the driver's `--set` would train its
+    trials otherwise than the study's: it is refused in one line, exit 2, and runs nothing."""
+    raw = yaml.safe_load((SPECS / "regression_tune.yaml").read_text())
+    raw["notebook"] = str(metric_only_notebook(tmp_path))
+    spec = write_spec(tmp_path, raw)
+    env = {"LABBOOK_WARM_KERNELS": "0"}
+    settings = ["--set", "max_epochs=7"]
+    done = labbook("tune", str(spec), "--n-trials", "1", *settings, "--no-register", "--no-report", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = labbook("worker", str(spec), "--storage", optuna_url, "--n-trials", "3", "--quiet", env=env)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines() == [
+        "error: study 'regression_tune' trains its trials with max_epochs=7 (this worker: 15): give this worker "
+        "the same --set as `labbook tune`, or start another study with --study-name"
+    ]
+    assert len(optuna.load_study(study_name="regression_tune", storage=optuna_url).trials) == 1
+    joined = labbook("worker", str(spec), "--storage", optuna_url, "--n-trials", "2", *settings, "--quiet", env=env)
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert len(optuna.load_study(study_name="regression_tune", storage=optuna_url).trials) == 2
+
+
 def test_a_trial_created_past_the_budget_by_a_racing_worker_is_dropped_unrun(store: str, optuna_url: str) -> None:
     """Two workers can pass the budget check together and both ask Optuna for a trial (seen: 21
     of 20 with four workers): the one numbered past the budget runs nothing and costs nothing."""

@@ -69,15 +69,17 @@ def storage(url: str, heartbeat: bool = False) -> RDBStorage:
     if not heartbeat:
         return _created(lambda: RDBStorage(url, engine_kwargs=engine_kwargs))
     interval = heartbeat_seconds()
-    return _created(
-        lambda: RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=interval,
-            grace_period=3 * interval,
-            heartbeat_stale_trial_callback=_retry_and_close_run,
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9; we rely on them
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _created(
+            lambda: RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=interval,
+                grace_period=3 * interval,
+                heartbeat_stale_trial_callback=_retry_and_close_run,
+            )
         )
-    )
 
 
 def pruning_storage(url: str) -> RDBStorage:

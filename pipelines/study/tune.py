@@ -200,6 +200,7 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
     # Kernels (on any machine) rebuild the pruner and read the metric from the study itself.
     created.set_user_attr(Attr.PRUNER, tune.pruner.model_dump())
     created.set_user_attr(Attr.METRIC, tune.metric)
+    created.set_user_attr(Attr.SETTINGS, fixed_settings(handle))  # what a joining worker must train with
     studies.fail_stale_trials(created)
     studies.reconcile_runs(created)  # a trial FAIL in Optuna has its MLflow run FAILED, whatever happened
     return created, _ensure_parent_run(handle, created)
@@ -379,6 +380,40 @@ def progress_line(study: optuna.Study, handle: Study) -> str:
     return line
 
 
+def fixed_settings(handle: Study) -> dict[str, Any]:
+    """The settings every trial of the study trains with: the spec's (with `--set`), less the searched ones.
+
+    As JSON values (lists, not tuples), the form Optuna keeps them in as a study attribute.
+    """
+    import json
+
+    settings = {k: v for k, v in handle.spec.parameters().items() if k not in handle.tune.space}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def check_same_settings(handle: Study, study: optuna.Study) -> None:
+    """Refuse to join a study whose driver trains its trials with other settings than this worker's.
+
+    Raises `SpecError` naming up to 3 settings that differ (the study's value, then this worker's):
+    a worker started on the spec file without the driver's `--set` trained every trial it ran with
+    the file's settings, and the study compared trials that were not trained alike.
+    """
+    recorded = study.user_attrs.get(Attr.SETTINGS)
+    if not isinstance(recorded, dict):  # a study made by an older labbook: nothing to compare with
+        return
+    mine = fixed_settings(handle)
+    differ = sorted(k for k in recorded.keys() | mine.keys() if recorded.get(k) != mine.get(k))
+    if differ:
+        shown = ", ".join(f"{k}={recorded.get(k)!r} (this worker: {mine.get(k)!r})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise SpecError(
+            reason(
+                f"study {handle.name!r} trains its trials with {shown}{more}: give this worker the same "
+                "--set as `labbook tune`, or start another study with --study-name"
+            )
+        )
+
+
 def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0) -> None:
     """Join a study and run its trials until its budget is spent (`labbook worker`).
 
@@ -389,7 +424,8 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
     deadline = time.monotonic() + wait
     while True:
         try:
-            parent = handle.load().user_attrs.get(Attr.PARENT_RUN)
+            loaded = handle.load()
+            parent = loaded.user_attrs.get(Attr.PARENT_RUN)
         except KeyError:  # optuna: no study of that name in the storage yet
             parent = None
         if parent or time.monotonic() >= deadline:
@@ -400,6 +436,7 @@ def run_worker(handle: Study, console: Console | None = None, wait: float = 0.0)
             f"study {handle.name!r} on {tracking.redact(handle.storage_url)} does not exist or has no MLflow "
             "parent run: start it with `labbook tune` (or give --wait SECONDS)"
         )
+    check_same_settings(handle, loaded)
     if console:
         console.print(f"joined study {handle.name!r} on {tracking.redact(handle.storage_url)}; parent run {parent}")
     _Worker(handle, parent, console).run(handle.timeout)

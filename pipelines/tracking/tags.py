@@ -97,6 +97,7 @@ class Attr:
     PRUNER = "pruner"
     METRIC = "metric"
     BEST_BY_MEAN = "best_by_mean"
+    SETTINGS = "settings"  # the driver's settings of every trial, less the searched ones: workers must match
     # A trial's.
     RUN_ID = "mlflow_run_id"
     WORKER = "worker"
