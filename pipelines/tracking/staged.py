@@ -56,16 +56,29 @@ def stage_file(staging: str | os.PathLike, source: str | os.PathLike, artifact_d
 
 
 def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int:
-    """Upload every staged file to the run's artifacts (same relative paths), then remove them.
+    """Upload every staged regular file to the run's artifacts (same relative paths), then remove them.
 
-    Returns the number of files uploaded (0 when nothing was staged). Raises whatever the
-    artifact store raised (a full disk, a refusing server): the caller fails the run with it.
+    Returns the number of files uploaded (0 when nothing was staged). A symbolic link (to a file
+    or a folder) is never followed nor uploaded, only reported on stderr: whoever uploads (the
+    driver, or `labbook reap` run by someone else) would otherwise copy what the link points to,
+    a file of theirs, into the artifact store. Raises whatever the artifact store raised (a full
+    disk, a refusing server): the caller fails the run with it.
     """
+    import sys
+
     root = Path(staging)
-    if not root.is_dir():
+    if not root.is_dir() or root.is_symlink():
         return 0
-    files = [p for p in root.rglob("*") if p.is_file()]
-    if files:
-        client.log_artifacts(run_id, str(root))
+    uploaded = 0
+    for folder, dirs, names in os.walk(root):  # os.walk does not descend into linked folders
+        here = Path(folder)
+        for name in sorted(names + [d for d in dirs if (here / d).is_symlink()]):
+            path = here / name
+            if path.is_symlink() or not path.is_file():
+                print(f"not uploaded: {path} is a symbolic link or not a regular file", file=sys.stderr)
+                continue
+            where = path.parent.relative_to(root).as_posix()
+            client.log_artifact(run_id, str(path), None if where == "." else where)
+            uploaded += 1
     shutil.rmtree(root, ignore_errors=True)
-    return len(files)
+    return uploaded

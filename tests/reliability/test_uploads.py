@@ -145,3 +145,21 @@ def test_a_staged_artifact_path_cannot_leave_the_staging_folder(tmp_path: Path) 
     for bad in ("../escape.png", "/etc/passwd", "plots/../../x"):
         with pytest.raises(ValueError, match="leaves the run's staging folder"):
             staged.path(staging, bad)
+
+
+@pytest.mark.fast
+def test_a_symbolic_link_in_the_staging_folder_is_never_followed_nor_uploaded(store: str, tmp_path: Path) -> None:
+    """Whoever uploads (the driver, or `labbook reap` run by another user) must not copy a file of
+    theirs into the artifact store because a notebook left a link to it in its staging folder."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("PRIVATE KEY")
+    client = tracking.client(store)
+    run_id = tracking.start_run(client, "tiny", run_name="links")
+    staging = tmp_path / "staged"
+    staged.path(staging, "plots/curve.png").write_bytes(b"png")
+    (staging / "plots" / "key.png").symlink_to(secret / "id_rsa")
+    (staging / "tables").symlink_to(secret, target_is_directory=True)
+    assert staged.upload(client, run_id, staging) == 1
+    assert _artifacts(store, run_id) == {"plots/curve.png"}
+    assert not staging.exists() and (secret / "id_rsa").read_text() == "PRIVATE KEY"  # links removed, targets kept
