@@ -341,8 +341,11 @@ def test_a_pipelines_tune_and_train_steps_run_on_slurm_under_the_pipeline_run(sl
 @pytest.mark.parametrize(
     ("search", "train", "says"),
     [
-        ({"name": "slurm", "partition": "no_such_partition"}, None,
-         "steps.search.launcher.partition: got 'no_such_partition'; this cluster has"),
+        (
+            {"name": "slurm", "partition": "no_such_partition"},
+            None,
+            "steps.search.launcher.partition: got 'no_such_partition'; this cluster has",
+        ),
         (None, {"name": "slurm", "time": "99:00:00"}, "steps.train.launcher.time: 99:00:00 is over partition"),
         ({"name": "slurm", "time": "ten minutes"}, None, "launcher.time: got 'ten minutes'; expected minutes"),
         ({"name": "slurm", "cpus_per_task": 512}, None, "steps.search.launcher: SLURM refuses the request"),

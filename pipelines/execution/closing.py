@@ -46,7 +46,7 @@ def close(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, staging
     try:
         staged.upload(mlflow, run_id, staging)
     except Exception as exc:  # an unwritable or full artifact store: the run fails, saying where
-        problems.append(f"uploading the run's plots, tables and checkpoints failed: {reason(exc)}; kept at {staging}")
+        problems.append(f"uploading the run's plots, tables and checkpoints (kept at {staging}) failed: {reason(exc)}")
     try:
         notebook.attach(mlflow, run_id, replace(executed, html=html))
     except Exception as exc:

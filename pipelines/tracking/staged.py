@@ -61,24 +61,42 @@ def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int
     Returns the number of files uploaded (0 when nothing was staged). A symbolic link (to a file
     or a folder) is never followed nor uploaded, only reported on stderr: whoever uploads (the
     driver, or `labbook reap` run by someone else) would otherwise copy what the link points to,
-    a file of theirs, into the artifact store. Raises whatever the artifact store raised (a full
+    a file of theirs, into the artifact store. Each file is opened with `O_NOFOLLOW` and copied
+    from that descriptor into a private folder, which is what is uploaded, so a link swapped in
+    after the check is not followed either. Raises whatever the artifact store raised (a full
     disk, a refusing server): the caller fails the run with it.
     """
+    import stat
     import sys
+    import tempfile
 
     root = Path(staging)
-    if not root.is_dir() or root.is_symlink():
+    if root.is_symlink():
+        print(f"not uploaded: {root} is a symbolic link", file=sys.stderr)
+        return 0
+    if not root.is_dir():
         return 0
     uploaded = 0
-    for folder, dirs, names in os.walk(root):  # os.walk does not descend into linked folders
-        here = Path(folder)
-        for name in sorted(names + [d for d in dirs if (here / d).is_symlink()]):
-            path = here / name
-            if path.is_symlink() or not path.is_file():
-                print(f"not uploaded: {path} is a symbolic link or not a regular file", file=sys.stderr)
-                continue
-            where = path.parent.relative_to(root).as_posix()
-            client.log_artifact(run_id, str(path), None if where == "." else where)
-            uploaded += 1
+    with tempfile.TemporaryDirectory(prefix="labbook-upload-") as private:
+        for folder, dirs, names in os.walk(root):  # os.walk does not descend into linked folders
+            here = Path(folder)
+            for name in sorted(names + [d for d in dirs if (here / d).is_symlink()]):
+                path = here / name
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError:  # a link (ELOOP), or gone
+                    print(f"not uploaded: {path} is a symbolic link or not a regular file", file=sys.stderr)
+                    continue
+                with os.fdopen(fd, "rb") as source:
+                    if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+                        print(f"not uploaded: {path} is not a regular file", file=sys.stderr)
+                        continue
+                    target = Path(private) / path.relative_to(root)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "wb") as copy:
+                        shutil.copyfileobj(source, copy)
+                uploaded += 1
+        if uploaded:
+            client.log_artifacts(run_id, private)
     shutil.rmtree(root, ignore_errors=True)
     return uploaded

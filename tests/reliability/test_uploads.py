@@ -95,7 +95,8 @@ def test_a_failed_upload_closes_the_run_failed_saying_what_failed_and_keeps_the_
     (run,) = _runs(store)
     assert run.info.status == "FAILED"
     error = run.data.tags["labbook.error"]
-    assert error.startswith("uploading the run's plots, tables and checkpoints failed"), error
+    assert error.startswith("uploading the run's plots, tables and checkpoints (kept at "), error
+    assert ") failed: " in error
     assert "\n" not in error and len(error) <= 500
     kept = _staging(store, run.info.run_id)
     assert (kept / "plots" / "learning_curves.png").is_file()  # nothing lost: still on disk
