@@ -12,6 +12,7 @@ before it exits, Ctrl-C included; a driver killed before that leaves its runs RU
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,19 +43,23 @@ def close(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, staging
             html = notebook.render_html(executed.ipynb)
         except Exception as exc:  # a rendering problem must not hide the run's own outcome
             error = error or f"rendering the executed notebook failed: {reason(exc)}"
-    problems = []
+    uploading = attaching = None
     try:
         staged.upload(mlflow, run_id, staging)
     except Exception as exc:  # an unwritable or full artifact store: the run fails, saying where
-        problems.append(f"uploading the run's plots, tables and checkpoints (kept at {staging}) failed: {reason(exc)}")
+        uploading = f"uploading the run's plots, tables and checkpoints (kept at {staging}) failed: {reason(exc)}"
     try:
         notebook.attach(mlflow, run_id, replace(executed, html=html))
     except Exception as exc:
         where = mlflow.get_run(run_id).info.artifact_uri
-        problems.append(
+        attaching = (
             f"attaching the executed notebook to {where} failed: {type(exc).__name__}: {exc}; "
             f"it is kept at {executed.ipynb}"
         )
+    if uploading and attaching:  # one store problem twice: the error keeps the notebook's, the tag the rest
+        with contextlib.suppress(Exception):
+            mlflow.set_tag(run_id, Tag.UPLOAD_ERROR, reason(uploading))
+    problems = [attaching] if attaching else [uploading] if uploading else []
     if problems:
         error = "; ".join(([error] if error else []) + problems)
     pruned = executed.pruned and error == executed.error

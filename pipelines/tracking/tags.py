@@ -33,6 +33,7 @@ class Tag:
     KIND = PREFIX + "kind"  # study, confirm, pipeline
     LAUNCHER = PREFIX + "launcher"  # slurm: the run was launched on a cluster
     ERROR = PREFIX + "error"
+    UPLOAD_ERROR = PREFIX + "upload_error"  # uploading a run's staged files failed (and so did attaching it)
     PRUNED = PREFIX + "pruned"
     MODEL_URI = PREFIX + "model_uri"
     RESUMED_FROM = PREFIX + "resumed_from"
