@@ -73,12 +73,19 @@ class SupervisedModule(TrainableModule):
         update the metric objects once `metric_batches` steps are kept (`_flush_metrics`)."""
         kept = self._kept_steps().setdefault(split, [])
         kept.append((loss, rows, inputs))
-        if len(kept) >= self.metric_batches or sum(t.numel() for _, _, i in kept for t in i) >= self.METRIC_ELEMENTS:
+        elements = self.__dict__.setdefault("_kept_elements", {})
+        elements[split] = elements.get(split, 0) + sum(t.numel() for t in inputs)  # a running count
+        if len(kept) >= self.metric_batches or elements[split] >= self.METRIC_ELEMENTS:
             self._flush_metrics(split)
+
+    def _drop_kept(self, split: str) -> list[tuple[torch.Tensor, int, tuple[torch.Tensor, ...]]] | None:
+        """Forget `split`'s kept steps (and their element count); returns them."""
+        self.__dict__.get("_kept_elements", {}).pop(split, None)
+        return self._kept_steps().pop(split, None)
 
     def _flush_metrics(self, split: str) -> None:
         """Update `split`'s mean loss and metrics with every kept step (one call each)."""
-        kept = self._kept_steps().pop(split, None)
+        kept = self._drop_kept(split)
         if not kept:
             return
         losses = torch.stack([loss for loss, _, _ in kept])
@@ -134,7 +141,7 @@ class SupervisedModule(TrainableModule):
         output = self(x)
         loss = self.loss(output, y)
         if batch_idx == 0:
-            self._kept_steps().pop(split, None)  # a loop that ended without its last batch (an exception) left these
+            self._drop_kept(split)  # a loop that ended without its last batch (an exception) left these
         self._update_metrics(split, loss.detach(), y.shape[0], self.metric_inputs(output, y))
         if batch_idx == 0:
             _log_split(self, split)

@@ -185,8 +185,15 @@ def execute(
         # (nothing warms beside it), and shut down after it like any pool's kernel.
         from pipelines.kernels.kernel_pool import KernelPool, default_threads
 
-        with KernelPool(1, ensure_kernel(), cwd=cwd, expected=1, threads=default_threads()) as one:
-            return execute(notebook, output_dir, parameters, cwd, progress_bar, kernels=one, render=render)
+        try:
+            with KernelPool(1, ensure_kernel(), cwd=cwd, expected=1, threads=default_threads()) as one:
+                return execute(notebook, output_dir, parameters, cwd, progress_bar, kernels=one, render=render)
+        except KeyboardInterrupt as exc:  # while the kernel was being forked, before papermill ran a cell
+            output_dir.mkdir(parents=True, exist_ok=True)
+            ipynb = output_dir / notebook.name
+            if not ipynb.exists():
+                _write_parameterized(notebook, ipynb, parameters)
+            return ExecutedNotebook(ipynb=ipynb, html=None, error="interrupted", interrupted=exc)
     output_dir.mkdir(parents=True, exist_ok=True)
     ipynb = output_dir / notebook.name
     error: str | None = None

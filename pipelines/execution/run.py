@@ -112,27 +112,22 @@ def run_notebook(
         on_run(run_id)
     output_dir = tracking.output_dir(uri, run_id)
     staging = staged.folder(output_dir)
-    try:
-        executed = notebook.execute(
-            nb_path,
-            output_dir,
-            {
-                **params,
-                "tracking_uri": uri,
-                "experiment_name": experiment,
-                "run_id": run_id,
-                "parent_run_id": parent_run_id or "",
-                "output_dir": str(output_dir),
-                "artifacts_dir": str(staging),
-            },
-            progress_bar=progress_bar,
-            kernels=kernels,
-            render=False,  # in `closing.close`: off the critical path where a closer runs it
-        )
-    except KeyboardInterrupt as exc:  # before papermill started (a kernel being forked): the run is closed too
-        executed = notebook.ExecutedNotebook(
-            ipynb=output_dir / nb_path.name, html=None, error="interrupted", interrupted=exc
-        )
+    executed = notebook.execute(
+        nb_path,
+        output_dir,
+        {
+            **params,
+            "tracking_uri": uri,
+            "experiment_name": experiment,
+            "run_id": run_id,
+            "parent_run_id": parent_run_id or "",
+            "output_dir": str(output_dir),
+            "artifacts_dir": str(staging),
+        },
+        progress_bar=progress_bar,
+        kernels=kernels,
+        render=False,  # in `closing.close`: off the critical path where a closer runs it
+    )
     if closer is not None and not executed.interrupted:
         closer.submit(lambda: closing.close(tracking.client(uri), run_id, executed, staging), run_id)
         error, pruned = executed.error, executed.pruned
