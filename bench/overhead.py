@@ -450,6 +450,7 @@ def in_process_trial(p: dict[str, Any], closer: Any = None) -> float:
         "parent_run_id": "",
         "output_dir": str(output_dir),
         "artifacts_dir": str(staging),
+        "defer_model": closer is not None,  # as `run_notebook` does: a closer logs the model
     }
     nb = parameterize_notebook(load_notebook_node(str(TRAIN)), injected)
     namespace: dict[str, Any] = {"__name__": "__main__"}

@@ -106,6 +106,7 @@ def one_trial(p: dict[str, Any], kernels: Any | None) -> dict[str, float]:
         "run_id": run_id,
         "output_dir": str(output_dir),
         "artifacts_dir": str(staging),
+        "defer_model": True,  # a study's driver logs the model after the kernel (off the path)
     }
     start = time.perf_counter()
     try:

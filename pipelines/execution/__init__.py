@@ -5,5 +5,6 @@ staged uploads, status; a study's background closer), `labbook run` (run.py), re
 checkpoints (resume.py), `labbook rerun` (rerun.py), notebook -> script for torchrun
 (script.py), `labbook reap`: runs whose driver died closed with their partial notebook
 (reap.py). May import: `pipelines/specs/`, `pipelines/tracking/`, `pipelines/kernels/`,
-papermill, nbconvert. Never imported by a notebook kernel (`pipelines/nb/` is what they use).
+papermill, nbconvert; `pipelines/nb/logged_model.py` (lazily: a study's model logged from its
+checkpoint). Never imported by a notebook kernel (`pipelines/nb/` is what they use).
 """

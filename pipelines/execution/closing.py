@@ -45,9 +45,15 @@ def close(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, staging
             error = error or f"rendering the executed notebook failed: {reason(exc)}"
     uploading = attaching = None
     try:
+        log_requested_model(mlflow, run_id, staging)  # before the upload removes the staged checkpoint
+    except Exception as exc:  # a refused request or a store problem: the run fails, saying which
+        uploading = f"logging the model from its staged checkpoint (kept at {staging}) failed: {reason(exc)}"
+    try:
         staged.upload(mlflow, run_id, staging)
     except Exception as exc:  # an unwritable or full artifact store: the run fails, saying where
-        uploading = f"uploading the run's plots, tables and checkpoints (kept at {staging}) failed: {reason(exc)}"
+        uploading = uploading or (
+            f"uploading the run's plots, tables and checkpoints (kept at {staging}) failed: {reason(exc)}"
+        )
     try:
         notebook.attach(mlflow, run_id, replace(executed, html=html))
     except Exception as exc:
@@ -69,6 +75,20 @@ def close(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, staging
     else:
         tracking.finish_run(mlflow, run_id, error)
     return error, pruned
+
+
+def log_requested_model(mlflow: MlflowClient, run_id: str, staging: Path) -> str | None:
+    """The model the run's kernel asked its driver to log (`pipelines.nb.logged_model`), logged.
+
+    Returns its model URI, or None when none was requested (then nothing is imported: torch and
+    Lightning load only in a driver that logs a model). Raises what `log_requested` raises.
+    """
+    from pipelines.nb import logged_model
+
+    if not logged_model.requested(staging):
+        return None
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return logged_model.log_requested(mlflow.tracking_uri, run_id, experiment_id, staging)
 
 
 class RunCloser:

@@ -123,6 +123,9 @@ def run_notebook(
             "parent_run_id": parent_run_id or "",
             "output_dir": str(output_dir),
             "artifacts_dir": str(staging),
+            # A study's closer logs the model after the kernel is released; `labbook run` closes
+            # in this thread, where the kernel logging it costs less than importing torch here.
+            "defer_model": closer is not None,
         },
         progress_bar=progress_bar,
         kernels=kernels,

@@ -115,12 +115,14 @@ class DriverOwnedLogger(OneWriterLogger):
     it only logs what it would log (and waits for the queued metrics); the driver (`labbook run`,
     a study) closes the run after it attached the executed notebook. With `artifacts_dir` (given
     by the driver), plots, tables, texts and checkpoints are staged there for the driver to
-    upload after the kernel is released (`pipelines.tracking.staged`).
+    upload after the kernel is released (`pipelines.tracking.staged`); with `defer_model` (a
+    study's driver, which closes runs in the background), the model too (`log_model`).
     """
 
-    def __init__(self, *args: Any, artifacts_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, artifacts_dir: str | None = None, defer_model: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.artifacts_dir = artifacts_dir or None
+        self.defer_model = bool(defer_model) and self.artifacts_dir is not None
 
     def finalize(self, status: str = "success") -> None:
         self.flush()
@@ -152,7 +154,12 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
         )
     tracking.log_params(client, run_id, hyperparameters(params), tags=tags)
     if owned:
-        return DriverOwnedLogger(tracking_uri=uri, run_id=run_id, artifacts_dir=params.get("artifacts_dir"))
+        return DriverOwnedLogger(
+            tracking_uri=uri,
+            run_id=run_id,
+            artifacts_dir=params.get("artifacts_dir"),
+            defer_model=params.get("defer_model") is True,
+        )
     return OneWriterLogger(tracking_uri=uri, run_id=run_id)
 
 
@@ -426,47 +433,36 @@ def log_model(
     example: Any,
     checkpoint: str | os.PathLike | None = None,
     last_checkpoint: str | os.PathLike | None = None,
+    from_checkpoint: bool = False,
 ) -> str:
     """Log the trained module as an MLflow PyTorch model named `model` (and its checkpoints).
 
-    Returns the model URI `runs:/<run id>/model`, which `mlflow.pytorch.load_model` reloads.
+    `example`: an input batch (numpy), kept as the model's input example. `from_checkpoint=True`
+    says `module` is `checkpoint` reloaded by its class's `load_from_checkpoint` (as the train
+    notebook's best model is): in a study, the driver then logs it from that checkpoint after the
+    kernel is released (`pipelines.nb.logged_model`), off the trial's critical path. Returns the
+    model URI `runs:/<run id>/model`, which `mlflow.pytorch.load_model` reloads once the run is
+    closed (in a study, the model is logged before its run is closed).
     """
     if not is_rank_zero():
         return ""
-    import mlflow
-    import mlflow.pytorch
-    import torch
+    from pipelines.nb import logged_model
 
     flush(logger)
+    staging = getattr(logger, "artifacts_dir", None)
+    staged_best = None
     for path in (checkpoint, last_checkpoint):
         if path and Path(path).exists():
-            if getattr(logger, "artifacts_dir", None):
-                staged.stage_file(logger.artifacts_dir, path, "checkpoints")
+            if staging:
+                target = staged.stage_file(staging, path, "checkpoints")
+                staged_best = staged_best or (target if path == checkpoint else None)
             else:
                 logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
-    mlflow.set_tracking_uri(logger._tracking_uri)
+    deferred = from_checkpoint and staged_best is not None and getattr(logger, "defer_model", False)
+    if deferred and logged_model.request(staging, module, f"checkpoints/{staged_best.name}", example):
+        return f"runs:/{logger.run_id}/model"
     module = module.cpu().eval()
-    # The requirements, stated: MLflow would otherwise infer them by loading the model again
-    # in a subprocess (about 9 s of every 10 s of logging); a pt2 model needs torch alone.
-    torch_version = torch.__version__.split("+")[0]
-    # By run id, not inside `mlflow.start_run(run_id=...)`: leaving that block ends the run
-    # (FINISHED) while the notebook still runs; only the run's driver may close it. With no active
-    # run, MLflow 3 creates the logged model in the *current* experiment, and `runs:/<id>/model`
-    # finds a run's model only in the run's own experiment: make that the current one.
-    mlflow.set_experiment(experiment_id=logger.experiment_id)  # Lightning read it from the run at start
-    # `validate_serving_input=False`: MLflow would load the saved model back and predict on the
-    # example to check it serves (a fifth of log_model's time on the trial's path); the tests load
-    # every kind of model back with `mlflow.pytorch.load_model` instead.
-    info = mlflow.pytorch.log_model(
-        module,
-        name="model",
-        input_example=example,
-        pip_requirements=[f"torch=={torch_version}"],
-        run_id=logger.run_id,
-        validate_serving_input=False,
-    )
-    # MLflow 3 keeps the model apart from run artifacts; its own URI is what the registry takes.
-    set_tag(logger, "model_uri", info.model_uri)
+    logged_model.log_pytorch_model(logger._tracking_uri, logger.run_id, logger.experiment_id, module, example)
     return f"runs:/{logger.run_id}/model"
 
 

@@ -357,6 +357,7 @@ TRACKING_PARAMETERS = (
     "monitor_mode",
     "checkpoint_dir",
     "artifacts_dir",
+    "defer_model",
 )
 
 

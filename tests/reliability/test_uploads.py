@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow.pytorch
 import optuna
 import pytest
+import torch
 import yaml
 
 from pipelines.tracking import staged, tracking
@@ -71,6 +73,10 @@ def test_a_study_closes_every_trial_run_with_all_its_files_after_the_next_trial_
         assert _artifacts(store, run.info.run_id) >= EXPECTED, run.info.run_id
         assert len(tracking.client(store).get_metric_history(run.info.run_id, "val_loss")) == 2  # none lost
         assert not _staging(store, run.info.run_id).exists()  # uploaded, then removed
+        # The model, logged by the driver from the staged best checkpoint (the kernel only asked)
+        assert not (_staging(store, run.info.run_id).parent / "staged-model").exists()
+        model = mlflow.pytorch.load_model(run.data.tags["labbook.model_uri"])
+        assert torch.isfinite(model(torch.ones(4, 4))).all()
 
 
 def _notebook_breaking_the_artifact_store(tmp_path: Path) -> Path:
