@@ -85,10 +85,10 @@ def log_requested_model(mlflow: MlflowClient, run_id: str, staging: Path) -> str
     """
     from pipelines.nb import logged_model
 
-    if not logged_model.requested(staging):
+    run = mlflow.get_run(run_id)
+    if not logged_model.requested(staging, run.data.tags):
         return None
-    experiment_id = mlflow.get_run(run_id).info.experiment_id
-    return logged_model.log_requested(mlflow.tracking_uri, run_id, experiment_id, staging)
+    return logged_model.log_requested(mlflow.tracking_uri, run_id, run.info.experiment_id, staging, run.data.tags)
 
 
 class RunCloser:

@@ -22,6 +22,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
+from pipelines.errors import reason as one_line
 from pipelines.tracking import driver, staged, tracking
 from pipelines.tracking.tags import Tag
 
@@ -98,7 +99,10 @@ def _close(client: MlflowClient, uri: str, run: Run, reason: str) -> tuple[bool,
     except Exception as exc:  # noqa: BLE001 - a store that takes no writes: say so, close nothing
         return False, f"not closed ({tracking.store_problem(exc, uri) or type(exc).__name__}): {reason}", None
     with contextlib.suppress(Exception):
-        if Tag.TRIAL_STATE in again.data.tags:
+        # A trial told to Optuna (COMPLETE, PRUNED) keeps that state: its value is real, only the
+        # closing was cut. A trial still RUNNING in the record is what the stale-trial check fails.
+        state = again.data.tags.get(Tag.TRIAL_STATE)
+        if state is not None and state not in ("COMPLETE", "PRUNED"):
             client.set_tag(run_id, Tag.TRIAL_STATE, "FAIL")
     return True, reason, _attach_partial(client, uri, run_id)
 
@@ -108,6 +112,13 @@ def _attach_partial(client: MlflowClient, uri: str, run_id: str) -> str | None:
     and the plots, tables and checkpoints its kernel staged for the dead driver to upload."""
     folder = tracking.output_dir(uri, run_id)
     attached = None
+    try:  # the model a study's kernel asked its dead driver to log (the same rules as the driver's)
+        from pipelines.execution.closing import log_requested_model
+
+        log_requested_model(client, run_id, staged.folder(folder))
+    except Exception as exc:  # noqa: BLE001 - the run is closed already; say what was not logged
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, Tag.UPLOAD_ERROR, one_line(f"logging the model from its staged checkpoint: {exc}"))
     with contextlib.suppress(Exception):  # what the kernel staged for its dead driver to upload
         staged.upload(client, run_id, staged.folder(folder))
     for ipynb in sorted(folder.glob("*.ipynb")) if folder.is_dir() else []:

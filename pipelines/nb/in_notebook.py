@@ -459,7 +459,9 @@ def log_model(
             else:
                 logger.experiment.log_artifact(logger.run_id, str(path), "checkpoints")
     deferred = from_checkpoint and staged_best is not None and getattr(logger, "defer_model", False)
-    if deferred and logged_model.request(staging, module, f"checkpoints/{staged_best.name}", example):
+    if deferred and logged_model.can_request(module, example):
+        set_tag(logger, "model_requested", "true")  # first: the driver then requires the request
+        logged_model.request(staging, module, f"checkpoints/{staged_best.name}", example)
         return f"runs:/{logger.run_id}/model"
     module = module.cpu().eval()
     logged_model.log_pytorch_model(logger._tracking_uri, logger.run_id, logger.experiment_id, module, example)

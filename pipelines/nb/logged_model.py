@@ -29,6 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking import staged
+
 FOLDER = "staged-model"  # beside the run's `staged/` folder: never uploaded as artifacts itself
 REQUEST = "request.json"
 EXAMPLE = "example.npy"
@@ -81,6 +83,16 @@ def log_pytorch_model(tracking_uri: str, run_id: str, experiment_id: str, module
     return info.model_uri
 
 
+def can_request(module: Any, example: Any) -> bool:
+    """Whether the driver could honour a request for `module`: a class defined in
+    `lightning_modules`, and an example that is a plain numpy array (no object dtype)."""
+    import numpy as np
+
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return bool(_CLASS.fullmatch(name)) and isinstance(example, np.ndarray) and example.dtype != object
+
+
 def request(staging: str | os.PathLike, module: Any, checkpoint_artifact: str, example: Any) -> bool:
     """Ask the run's driver to log `module` rebuilt from the staged checkpoint `checkpoint_artifact`.
 
@@ -93,12 +105,12 @@ def request(staging: str | os.PathLike, module: Any, checkpoint_artifact: str, e
     """
     import numpy as np
 
+    if not can_request(module, example):
+        return False
     cls = type(module)
     name = f"{cls.__module__}.{cls.__qualname__}"
-    if not _CLASS.fullmatch(name) or not isinstance(example, np.ndarray) or example.dtype == object:
-        return False
     target = folder(staging)
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)  # from here on the driver requires a valid request
     np.save(target / EXAMPLE, example, allow_pickle=False)
     body = {"class": name, "checkpoint": checkpoint_artifact}
     (target / f"{REQUEST}.tmp").write_text(json.dumps(body))
@@ -106,14 +118,25 @@ def request(staging: str | os.PathLike, module: Any, checkpoint_artifact: str, e
     return True
 
 
-def requested(staging: str | os.PathLike) -> bool:
-    """Whether the run's kernel left a model request for its driver."""
-    return (folder(staging) / REQUEST).is_file()
+def requested(staging: str | os.PathLike, tags: dict[str, str] | None = None) -> bool:
+    """Whether the run's kernel asked its driver to log the model: its request folder exists (a
+    file, a link or a FIFO in its place included), or the run is tagged `labbook.model_requested`
+    (the kernel tags it first, so a request removed afterwards is still known to be missing)."""
+    from pipelines.tracking.tags import Tag
+
+    return os.path.lexists(folder(staging)) or (tags or {}).get(Tag.MODEL_REQUESTED) == "true"
 
 
-def log_requested(tracking_uri: str, run_id: str, experiment_id: str, staging: str | os.PathLike) -> str | None:
+def log_requested(
+    tracking_uri: str,
+    run_id: str,
+    experiment_id: str,
+    staging: str | os.PathLike,
+    tags: dict[str, str] | None = None,
+) -> str | None:
     """The driver's half: log the model the kernel requested, then remove the request.
 
+    `tags`: the run's tags (`labbook.model_requested` says a request was made).
     Returns the model URI, or None when nothing was requested. Call before `staged.upload`, which
     removes the staged checkpoint. Raises `ValueError` naming the field for a request that breaks
     the rules in this module's docstring (the run then fails, saying so), and what loading or
@@ -122,8 +145,10 @@ def log_requested(tracking_uri: str, run_id: str, experiment_id: str, staging: s
     import numpy as np
 
     where = folder(staging)
-    if not requested(staging):
+    if not requested(staging, tags):
         return None
+    if where.is_symlink() or not where.is_dir():
+        raise ValueError("model request: the request folder is missing, a link or not a folder")
     body = _read_request(where / REQUEST)
     cls = _module_class(body.get("class"))
     with _open_regular(_checkpoint_path(staging, body.get("checkpoint")), "checkpoint") as source:
@@ -179,22 +204,17 @@ def _checkpoint_path(staging: str | os.PathLike, artifact: Any) -> Path:
 
 
 class _open_regular:  # noqa: N801 - used as a context manager, like open()
-    """A regular file opened read-only without following a link (`O_NOFOLLOW`), as bytes."""
+    """A regular file opened read-only as bytes, never through a link (`O_NOFOLLOW`) and never
+    blocking (`O_NONBLOCK`: a FIFO put in a file's place would block `open` until a writer came);
+    the descriptor is checked with `fstat` before it is wrapped, and closed if refused."""
 
     def __init__(self, path: Path, field: str) -> None:
         self._path, self._field, self._file = path, field, None
 
     def __enter__(self) -> Any:
-        import stat
-
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            raise ValueError(f"model request: the {self._field} file is missing or a symbolic link") from None
-        self._file = os.fdopen(fd, "rb")
-        if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-            self._file.close()
-            raise ValueError(f"model request: the {self._field} file is not a regular file")
+        self._file = staged.open_regular(self._path)
+        if self._file is None:
+            raise ValueError(f"model request: the {self._field} file is missing, a link or not a regular file")
         return self._file
 
     def __exit__(self, *exc: object) -> None:
@@ -202,4 +222,4 @@ class _open_regular:  # noqa: N801 - used as a context manager, like open()
             self._file.close()
 
 
-__all__ = ["folder", "log_pytorch_model", "log_requested", "request", "requested"]
+__all__ = ["can_request", "folder", "log_pytorch_model", "log_requested", "request", "requested"]

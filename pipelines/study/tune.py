@@ -8,6 +8,7 @@ running `labbook worker` on the same storage: Optuna and MLflow do the coordinat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -61,6 +62,7 @@ class StudyResult:
     best_run_id: str | None = None
     summary: pd.DataFrame | None = None
     champion: dict[str, Any] | None = None
+    register_error: str | None = None  # why the best trial was not registered (its run's record is incomplete)
 
 
 @dataclass(frozen=True)
@@ -530,14 +532,20 @@ def tune(
         raise
     for process in others:
         process.wait()
-    if confirm_top > 0:
-        _confirm(handle, parent, mlflow, confirm_top, seeds, console)
-    else:
-        created.set_user_attr(Attr.BEST_BY_MEAN, None)  # an earlier confirmation predates these trials
-    result = summarize(handle, parent, mlflow, register=register)
-    mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
-    if report:
-        _report(handle, parent, mlflow, console)
+    try:
+        if confirm_top > 0:
+            _confirm(handle, parent, mlflow, confirm_top, seeds, console)
+        else:
+            created.set_user_attr(Attr.BEST_BY_MEAN, None)  # an earlier confirmation predates these trials
+        result = summarize(handle, parent, mlflow, register=register)
+        mlflow.log_metric(parent, "study_seconds", time.monotonic() - started)
+        if report:
+            _report(handle, parent, mlflow, console)
+    except BaseException as exc:  # the study run never stays RUNNING behind a failed summary
+        with contextlib.suppress(Exception):
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            tracking.finish_run(mlflow, parent, reason(why))
+        raise
     tracking.finish_run(mlflow, parent)
     if console:
         print_summary(console, handle, result)
@@ -592,12 +600,33 @@ def summarize(handle: Study, parent: str, mlflow: MlflowClient, register: bool =
     by_mean = study.user_attrs.get(Attr.BEST_BY_MEAN)
     candidate = (by_mean["run_id"], by_mean["mean"]) if by_mean else (result.best_run_id, result.best_value)
     if register and candidate[0] is not None:
+        result.register_error = _unregistrable(mlflow, candidate[0])
+    if register and candidate[0] is not None and result.register_error is None:
         from pipelines.tracking.champion import promote
 
-        result.champion = promote(
-            handle.spec.name, candidate[0], handle.tune.metric, handle.tune.direction, candidate[1]
-        )
+        try:
+            result.champion = promote(
+                handle.spec.name, candidate[0], handle.tune.metric, handle.tune.direction, candidate[1]
+            )
+        except Exception as exc:  # noqa: BLE001 - the study's results stand; say why nothing was registered
+            result.register_error = f"not registered: the best trial's run {candidate[0]}: {reason(exc)}"
+    if result.register_error:
+        mlflow.set_tag(parent, Tag.REGISTER_ERROR, reason(result.register_error))
     return result
+
+
+def _unregistrable(mlflow: MlflowClient, run_id: str) -> str | None:
+    """Why the champion candidate's run cannot be registered (its record is incomplete), or None.
+
+    Optuna holds a trial COMPLETE as soon as its value is known; its run may still have failed
+    to record the model (a failed upload or model log, a driver that died before closing it).
+    Registering it would point `champion` at a model the record does not hold: refused, saying so.
+    """
+    run = mlflow.get_run(run_id)
+    if run.info.status != "FINISHED":
+        error = run.data.tags.get(Tag.ERROR) or "no reason recorded"
+        return f"not registered: the best trial's run {run_id} is {run.info.status} ({error})"
+    return None
 
 
 def _confirm(handle: Study, parent: str, mlflow: MlflowClient, k: int, n_seeds: int, console: Console | None) -> None:
@@ -691,6 +720,8 @@ def print_summary(console: Console, handle: Study, result: StudyResult) -> None:
     if result.best_value is not None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in result.best_params.items())
         console.print(f"best {handle.tune.metric} {result.best_value:.4f}: {shown}  (run {result.best_run_id})")
+    if result.register_error:
+        console.print(f"[yellow]warning: {result.register_error}[/yellow]")
     if result.champion:
         c = result.champion
         moved = "moved to" if c["promoted"] else "stays on"

@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from mlflow import MlflowClient
 
@@ -55,6 +56,30 @@ def stage_file(staging: str | os.PathLike, source: str | os.PathLike, artifact_d
     return target
 
 
+def open_regular(path: str | os.PathLike) -> BinaryIO | None:
+    """`path` opened for reading as bytes if it is a regular file reached without a link, else None.
+
+    Opened with `O_NOFOLLOW | O_NONBLOCK` (a FIFO opens at once instead of waiting for a writer,
+    then is refused by `fstat`), so whoever reads what a notebook left (a driver, `labbook reap`)
+    neither follows a link nor hangs.
+    """
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # a link (ELOOP), gone, or unreadable
+        return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    if not regular:
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int:
     """Upload every staged regular file to the run's artifacts (same relative paths), then remove them.
 
@@ -66,7 +91,6 @@ def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int
     after the check is not followed either. Raises whatever the artifact store raised (a full
     disk, a refusing server): the caller fails the run with it.
     """
-    import stat
     import sys
     import tempfile
 
@@ -82,15 +106,11 @@ def upload(client: MlflowClient, run_id: str, staging: str | os.PathLike) -> int
             here = Path(folder)
             for name in sorted(names + [d for d in dirs if (here / d).is_symlink()]):
                 path = here / name
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-                except OSError:  # a link (ELOOP), or gone
+                source = open_regular(path)
+                if source is None:  # a link, a FIFO, a device, or gone
                     print(f"not uploaded: {path} is a symbolic link or not a regular file", file=sys.stderr)
                     continue
-                with os.fdopen(fd, "rb") as source:
-                    if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
-                        print(f"not uploaded: {path} is not a regular file", file=sys.stderr)
-                        continue
+                with source:
                     target = Path(private) / path.relative_to(root)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with open(target, "wb") as copy:

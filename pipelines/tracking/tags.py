@@ -36,6 +36,7 @@ class Tag:
     UPLOAD_ERROR = PREFIX + "upload_error"  # uploading a run's staged files failed (and so did attaching it)
     PRUNED = PREFIX + "pruned"
     MODEL_URI = PREFIX + "model_uri"
+    MODEL_REQUESTED = PREFIX + "model_requested"  # "true": the kernel left its model for the driver to log
     RESUMED_FROM = PREFIX + "resumed_from"
     RESUMED_AT_EPOCH = PREFIX + "resumed_at_epoch"
     RERUN_OF = PREFIX + "rerun_of"
@@ -62,6 +63,7 @@ class Tag:
     BEST_BY_MEAN_TRIAL = PREFIX + "best_by_mean_trial"
     CONFIRMS_TRIAL = PREFIX + "confirms_trial"
     REPORT_ERROR = PREFIX + "report_error"
+    REGISTER_ERROR = PREFIX + "register_error"  # a study's best trial was not registered, and why
 
     # Pipelines and schedules.
     PIPELINE = PREFIX + "pipeline"

@@ -222,7 +222,8 @@ def _race(uri: str, folder: Path, processes: int = 6, rounds: int = 3) -> None:
     while len(list(folder.glob("ready-*"))) < processes:
         assert time.monotonic() < deadline and all(p.poll() is None for p in started)
         time.sleep(0.1)
-    (folder / "go").write_text(str(time.time() + 0.5))
+    (folder / "go.tmp").write_text(str(time.time() + 0.5))
+    os.replace(folder / "go.tmp", folder / "go")  # whole or absent: a promoter read it half-written once
     for process in started:
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]

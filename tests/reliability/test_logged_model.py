@@ -140,3 +140,91 @@ def test_a_module_outside_lightning_modules_is_logged_by_the_kernel_not_requeste
     staging = tmp_path / "staged"
     assert not logged_model.request(staging, torch.nn.Linear(2, 1), "checkpoints/x.ckpt", np.ones((1, 2)))
     assert not logged_model.requested(staging)
+
+
+def _close_within(store: str, run_id: str, staging: Path, seconds: float = 60) -> mlflow.entities.Run:
+    """`_close` in a thread that must end within `seconds`: a close that blocks fails the test."""
+    import threading
+
+    done: list[mlflow.entities.Run] = []
+    worker = threading.Thread(target=lambda: done.append(_close(store, run_id, staging)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert done, f"closing the run blocked for {seconds} s"
+    return done[0]
+
+
+def test_a_fifo_in_place_of_a_file_fails_the_run_at_once_instead_of_blocking_the_driver(store: str) -> None:
+    run_id, staging, _ = _run_with_request(store)
+    checkpoint = staging / "checkpoints" / "best-epoch=0.ckpt"
+    checkpoint.unlink()
+    os.mkfifo(checkpoint)  # open(O_RDONLY) on a FIFO waits for a writer that never comes
+    os.mkfifo(staging / "checkpoints" / "plots.png")  # and one among the files to upload
+    run = _close_within(store, run_id, staging)
+    assert run.info.status == "FAILED"
+    assert "the checkpoint file is missing, a link or not a regular file" in run.data.tags["labbook.error"]
+
+    run_id, staging, _ = _run_with_request(store)
+    example = logged_model.folder(staging) / logged_model.EXAMPLE
+    example.unlink()
+    os.mkfifo(example)
+    run = _close_within(store, run_id, staging)
+    assert run.info.status == "FAILED" and "the example file is" in run.data.tags["labbook.error"]
+
+
+def test_a_folder_named_as_the_checkpoint_is_refused_naming_the_field_without_leaking_a_descriptor(
+    store: str,
+) -> None:
+    run_id, staging, _ = _run_with_request(store)
+    (staging / "checkpoints" / "folder.ckpt").mkdir()
+    _rewrite(staging, checkpoint="checkpoints/folder.ckpt")
+    before = len(os.listdir("/proc/self/fd"))
+    run = _close(store, run_id, staging)
+    assert run.info.status == "FAILED"
+    assert "the checkpoint file is missing, a link or not a regular file" in run.data.tags["labbook.error"]
+    assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_request_the_notebook_removed_or_replaced_fails_the_run_instead_of_finishing_without_a_model(
+    store: str,
+) -> None:
+    import shutil
+
+    from pipelines.tracking.tags import Tag
+
+    run_id, staging, _ = _run_with_request(store)
+    tracking.client(store).set_tag(run_id, Tag.MODEL_REQUESTED, "true")  # what the kernel tags first
+    shutil.rmtree(logged_model.folder(staging))
+    run = _close(store, run_id, staging)
+    assert run.info.status == "FAILED" and "the request folder is missing" in run.data.tags["labbook.error"]
+
+    run_id, staging, _ = _run_with_request(store)
+    request = logged_model.folder(staging) / logged_model.REQUEST
+    request.unlink()
+    os.mkfifo(request)
+    run = _close_within(store, run_id, staging)
+    assert run.info.status == "FAILED" and "the request file is" in run.data.tags["labbook.error"]
+
+
+def test_reap_logs_the_model_a_dead_driver_owed_and_keeps_the_trial_state_optuna_holds(store: str) -> None:
+    import subprocess
+
+    from pipelines.tracking import driver
+    from pipelines.tracking.tags import Tag
+    from tests.conftest import labbook
+
+    run_id, staging, _ = _run_with_request(store)
+    dead = subprocess.Popen(["sleep", "30"])
+    started = driver.start_time(dead.pid)
+    dead.kill()
+    dead.wait()  # a real process that lived and died: the run's driver
+    client = tracking.client(store)
+    for key, value in {**driver.tags(), driver.PROCESSES_TAG: f"{dead.pid}:{started}"}.items():
+        client.set_tag(run_id, key, value)
+    client.set_tag(run_id, Tag.TRIAL_STATE, "COMPLETE")  # told to Optuna before the driver died
+    done = labbook("reap")
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["labbook.error"].startswith("driver died")
+    assert run.data.tags[Tag.TRIAL_STATE] == "COMPLETE"  # the record agrees with Optuna
+    assert mlflow.pytorch.load_model(run.data.tags[Tag.MODEL_URI]) is not None  # the owed model, logged

@@ -170,3 +170,49 @@ def test_a_symbolic_link_in_the_staging_folder_is_never_followed_nor_uploaded(st
     assert staged.upload(client, run_id, staging) == 1
     assert _artifacts(store, run_id) == {"plots/curve.png"}
     assert not staging.exists() and (secret / "id_rsa").read_text() == "PRIVATE KEY"  # links removed, targets kept
+
+
+def test_a_study_whose_best_trial_could_not_log_its_model_registers_nothing_and_says_why(
+    store: str, tmp_path: Path
+) -> None:
+    """A hostile notebook's request fails every trial run's model: the study still ends (FINISHED),
+    nothing is registered, and the warning and `labbook.register_error` name the run and why."""
+    import yaml
+
+    from pipelines.tracking.tags import Tag
+    from tests.conftest import labbook
+    from tests.reliability.test_record import TINY, _train_notebook_with
+
+    source = (
+        "import json, pathlib\n"
+        "request = pathlib.Path(artifacts_dir).parent / 'staged-model' / 'request.json'\n"
+        "request.write_text(json.dumps({**json.loads(request.read_text()), 'class': 'subprocess.Popen'}))\n"
+    )
+    notebook = _train_notebook_with(tmp_path, source, after="print(model_uri)")
+    spec = {
+        **TINY,
+        "notebook": str(notebook),
+        "tune": {
+            "metric": "val_r2",
+            "direction": "maximize",
+            "n_trials": 2,
+            "sampler": {"name": "random", "seed": 3},
+            "pruner": {"name": "none"},
+            "space": {"lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}},
+        },
+    }
+    path = tmp_path / "tiny_tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = labbook("tune", str(path), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--no-report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "warning: not registered: the best trial's run" in " ".join(done.stdout.split())
+    client = tracking.client(store)
+    (study_run,) = [
+        r
+        for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        if r.info.run_name.startswith("study")
+    ]
+    assert study_run.info.status == "FINISHED"
+    assert "is FAILED (logging the model from its staged checkpoint" in study_run.data.tags[Tag.REGISTER_ERROR]
+    assert client.search_model_versions("name='tiny'") == []
