@@ -34,7 +34,7 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture
-def slurm() -> Iterator[None]:
+def slurm(tmp_path: Path) -> Iterator[None]:
     """A cluster whose node is idle (started with scripts/slurm-local if it is installed but down)."""
     if shutil.which("sbatch") is None:
         _unavailable("SLURM is not installed (no sbatch): apt-get install slurm-wlm munge")
@@ -43,16 +43,24 @@ def slurm() -> Iterator[None]:
         started = subprocess.run([str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=120)
         if started.returncode != 0:
             _unavailable(f"the local SLURM cluster did not start: {started.stderr.strip()[-300:]}")
-    before = _my_jobs()
     yield
-    leftover = _my_jobs() - before
+    leftover = _my_jobs(tmp_path)
     if leftover:
         subprocess.run(["scancel", *leftover], timeout=30)
 
 
-def _my_jobs() -> set[str]:
-    listed = subprocess.run(["squeue", "-h", "-o", "%F %j"], capture_output=True, text=True, timeout=30)
-    return {line.split()[0] for line in listed.stdout.splitlines() if "labbook" in line}
+def _my_jobs(under: Path) -> set[str]:
+    """This test's jobs still queued: labbook's, whose working folder (`--chdir`, the job's folder
+    in this test's store) is under `under`. Never another test's: under `pytest -n 2` the other
+    worker's SLURM test runs at the same time, and cancelling "every job that appeared since"
+    cancelled its jobs (CI, 2026-12-02: two jobs CANCELLED mid-test)."""
+    listed = subprocess.run(["squeue", "-h", "-o", "%F|%j|%Z"], capture_output=True, text=True, timeout=30)
+    found = set()
+    for line in listed.stdout.splitlines():
+        job, name, folder = (line.split("|") + ["", ""])[:3]
+        if "labbook" in name and Path(folder).is_relative_to(under):
+            found.add(job.strip())
+    return found
 
 
 def study_spec(tmp_path: Path, name: str, n_trials: int, epochs: int = 2) -> Path:
@@ -335,7 +343,7 @@ def test_a_pipelines_tune_and_train_steps_run_on_slurm_under_the_pipeline_run(sl
     best = optuna.load_study(study_name=study.data.tags["labbook.study_name"], storage="sqlite:///mlruns/optuna.db")
     assert float(train.data.params["lr"]) == pytest.approx(best.best_params["lr"])  # ${search.best_params} reached it
     assert len(client.get_metric_history(train.info.run_id, "val_loss")) == 2
-    assert not _my_jobs()
+    assert not _my_jobs(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.loggers.logger import DummyLogger
 
@@ -296,6 +297,30 @@ def checkpoint_dir(params: dict[str, Any], run_id: str) -> Path:
     return output_dir(params, run_id) / "checkpoints"
 
 
+class MetricsBeforeCheckpoint(Callback):
+    """Waits until the epoch's queued metrics are in the store before a checkpoint is written.
+
+    The logger queues metrics asynchronously (`OneWriterLogger`); a kernel killed right after a
+    checkpoint was saved lost the metrics of the epochs that checkpoint closed (CI: a crashed
+    run's record held no `val_loss` though its `last.ckpt` had closed epoch 0), and the resumed
+    run then starts after epochs the record never shows. Lightning runs every `ModelCheckpoint`
+    after the other callbacks (`_reorder_callbacks`), so waiting here, at the hooks where it
+    saves, orders the store before the file. The wait is for a batch already being written.
+    """
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._flush(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._flush(trainer)
+
+    @staticmethod
+    def _flush(trainer: Any) -> None:
+        for logger in trainer.loggers:
+            flush(logger)
+
+
 def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> list[Any]:
     """Best and last checkpoints, the learning rate per epoch, early stopping and pruning if asked.
 
@@ -314,6 +339,7 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
             save_top_k=1,
             save_last=True,
         ),
+        MetricsBeforeCheckpoint(),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
         _resume_callback(),
