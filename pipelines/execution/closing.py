@@ -80,14 +80,12 @@ def close(mlflow: MlflowClient, run_id: str, executed: ExecutedNotebook, staging
 def log_requested_model(mlflow: MlflowClient, run_id: str, staging: Path) -> str | None:
     """The model the run's kernel asked its driver to log (`pipelines.nb.logged_model`), logged.
 
-    Returns its model URI, or None when none was requested (then nothing is imported: torch and
-    Lightning load only in a driver that logs a model). Raises what `log_requested` raises.
+    Returns its model URI, or None when none was requested (then nothing heavy is imported: torch
+    and Lightning load only in a driver that logs a model). Raises what `log_requested` raises.
     """
     from pipelines.nb import logged_model
 
     run = mlflow.get_run(run_id)
-    if not logged_model.requested(staging, run.data.tags):
-        return None
     return logged_model.log_requested(mlflow.tracking_uri, run_id, run.info.experiment_id, staging, run.data.tags)
 
 

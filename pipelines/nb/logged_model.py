@@ -142,11 +142,11 @@ def log_requested(
     the rules in this module's docstring (the run then fails, saying so), and what loading or
     MLflow raised.
     """
-    import numpy as np
-
     where = folder(staging)
     if not requested(staging, tags):
         return None
+    import numpy as np
+
     if where.is_symlink() or not where.is_dir():
         raise ValueError("model request: the request folder is missing, a link or not a folder")
     body = _read_request(where / REQUEST)
@@ -196,11 +196,10 @@ def _checkpoint_path(staging: str | os.PathLike, artifact: Any) -> Path:
     """The staged checkpoint `artifact` names; never a path outside the staging folder."""
     if not isinstance(artifact, str) or not artifact.endswith(".ckpt"):
         raise ValueError("model request: 'checkpoint' must be a staged .ckpt path (checkpoints/<name>.ckpt)")
-    root = Path(staging).resolve()
-    target = (root / artifact).resolve()
-    if root not in target.parents:
-        raise ValueError("model request: 'checkpoint' leaves the run's staging folder")
-    return target
+    try:
+        return staged.inside(staging, artifact)
+    except ValueError:
+        raise ValueError("model request: 'checkpoint' leaves the run's staging folder") from None
 
 
 class _open_regular:  # noqa: N801 - used as a context manager, like open()

@@ -35,11 +35,17 @@ def path(staging: str | os.PathLike, artifact_path: str) -> Path:
 
     Raises `ValueError` for a path that leaves the staging folder (`..`, absolute).
     """
+    target = inside(staging, artifact_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def inside(staging: str | os.PathLike, artifact_path: str) -> Path:
+    """`artifact_path` resolved under the staging folder (nothing made); `ValueError` if it leaves it."""
     root = Path(staging).resolve()
     target = (root / artifact_path).resolve()
     if root not in target.parents:
         raise ValueError(f"artifact path {artifact_path!r} leaves the run's staging folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
     return target
 
 
