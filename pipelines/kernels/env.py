@@ -29,6 +29,7 @@ def quiet_defaults() -> None:
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a CLI.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for kilobytes are noise
+    environment.telemetry_off()  # so the kernels and `mlflow server` a command starts inherit it
     # nbformat (papermill's notebook reader) imports jsonschema, which imports `rfc3987_syntax` when
     # installed (jupyter-events installs it) only to offer an "iri" format check, and that import
     # builds a Lark grammar: 1.0-1.8 s of every command's start, measured with -X importtime.

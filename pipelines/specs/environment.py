@@ -26,6 +26,19 @@ RUN_HEARTBEAT_SECONDS = 30
 INTERNAL = frozenset({"LABBOOK_COMMAND_PID"})
 
 
+def telemetry_off() -> None:
+    """Turn MLflow's usage telemetry off in this process and those it starts, unless the user chose.
+
+    MLflow >= 3.2 sends a usage record per tracked API call (`mlflow.telemetry`, opt-out) to
+    https://config.mlflow-telemetry.io, and `mlflow server`'s UI to a CDN; it stays off only under
+    CI or pytest (`mlflow.telemetry.utils.is_telemetry_disabled`). A labbook user's runs, studies
+    and UI talk to their own store and server only: nothing goes off the machine unasked. A user
+    who wants MLflow's telemetry sets `MLFLOW_DISABLE_TELEMETRY=false`; `DO_NOT_TRACK` is honoured
+    by MLflow itself. Read by MLflow at each call, so setting it after MLflow's import is enough.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def whole_number(name: str, default: int, low: int, high: int) -> int:
     """`name` as a whole number in [low, high], else `default` when unset; `ValueError` in one line."""
     raw = os.environ.get(name, "").strip()

@@ -24,8 +24,11 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
 
 from pipelines.errors import TrackingUnavailable, reason
+from pipelines.specs import environment
 from pipelines.tracking import driver
 from pipelines.tracking.tags import Tag
+
+environment.telemetry_off()  # every process that talks to MLflow imports this module
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Names kept for code written before tags.py: new code says Tag.PREFIX, Tag.OUTPUT_PREFIX, Tag.GIT_COMMIT.
