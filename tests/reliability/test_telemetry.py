@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The variables mlflow.telemetry.utils._is_ci_env_or_testing reads: a user's shell has none of them.
 CI_MARKERS = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS")
 CHECK = (
-    "import sys; import {module}; from mlflow.telemetry.utils import is_telemetry_disabled; "
+    "import {module}; from mlflow.telemetry.utils import is_telemetry_disabled; "
     "import os; print(is_telemetry_disabled(), os.environ.get('MLFLOW_DISABLE_TELEMETRY'))"
 )
 
