@@ -33,6 +33,26 @@ OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 
 
+# Where torch has fused optimizer kernels (one kernel per parameter group instead of a Python loop
+# over tensors): `torch.optim.Adam`'s `fused` documentation; CPU since torch 2.4.
+_FUSED_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
+
+
+def fused_supported(groups: list[dict[str, Any]]) -> bool | None:
+    """True when torch's fused SGD/Adam/AdamW kernel can step every parameter in `groups`.
+
+    The fused step is the same update in one kernel per group: on this repository's MLP
+    (64 -> 256 -> 256 -> 1, batch 64, CPU, 1 thread) an AdamW step went from ~1.05 ms to
+    ~0.75 ms (`bench/overhead.py`, R1 decomposed). Parameters of another device (a `meta`
+    tensor, a sharded placeholder) or a non-float dtype keep torch's default (None), which
+    picks the foreach or per-tensor path itself. Results may differ from the default path in
+    the last bits of a float (a different order of operations), never in the method.
+    """
+    params = [p for group in groups for p in group["params"]]
+    ok = bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
+    return True if ok else None
+
+
 class TrainableModule(L.LightningModule):
     """A LightningModule whose optimizer, schedule and regularization come from hparams."""
 
@@ -106,13 +126,14 @@ class TrainableModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         s = self.optim_settings
         groups = self.decay_groups()
+        fused = fused_supported(groups)
         if s["optimizer"] == "sgd":
-            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"])
+            opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"], fused=fused)
         elif s["optimizer"] == "adam":
             # Adam's own weight_decay is coupled L2 (added to the gradient), as the name promises.
-            opt = torch.optim.Adam(groups, lr=s["lr"])
+            opt = torch.optim.Adam(groups, lr=s["lr"], fused=fused)
         else:
-            opt = torch.optim.AdamW(groups, lr=s["lr"])
+            opt = torch.optim.AdamW(groups, lr=s["lr"], fused=fused)
         if s["scheduler"] == "none" and s["warmup_epochs"] == 0:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}

@@ -48,6 +48,39 @@ def test_optimizer_is_chosen_by_name(name: str, cls: type) -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_optimizer_is_fused_on_cpu_and_steps_as_torchs_default(name: str) -> None:
+    """The fused kernel (one per parameter group) is the same update as torch's per-tensor path:
+    the same start, 5 steps each way, the same weights to float tolerance."""
+    _, trainer, _ = fit(epochs=1, batches=1, optimizer=name, lr=0.05, weight_decay=0.01)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    params = {"model": "mlp_classifier", "data": "digits", "batch_size": 32, "optimizer": name, "lr": 0.05}
+    datamodule = build_data({**params, "weight_decay": 0.01})
+    datamodule.setup()
+    x, y = next(iter(datamodule.train_dataloader()))
+    weights = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model({**params, "weight_decay": 0.01}, datamodule)
+        groups = model.decay_groups()
+        opt = type(trainer.optimizers[0])(groups, lr=0.05, **({"momentum": 0.9} if name == "sgd" else {}), fused=fused)
+        for _ in range(5):
+            opt.zero_grad()
+            model.loss(model(x), y).backward()
+            opt.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for fused_w, default_w in zip(*weights, strict=True):
+        torch.testing.assert_close(fused_w, default_w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_torch_cannot_fuse_keeps_torchs_default_path() -> None:
+    from lightning_modules.base import fused_supported
+
+    assert fused_supported([{"params": [torch.nn.Parameter(torch.zeros(2))]}]) is True
+    assert fused_supported([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}]) is None
+    assert fused_supported([{"params": []}]) is None
+
+
 def test_weight_decay_applies_to_matrices_only() -> None:
     model, trainer, _ = fit(epochs=1, batches=1, weight_decay=0.1)
     decay, no_decay = trainer.optimizers[0].param_groups
