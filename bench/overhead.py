@@ -90,23 +90,33 @@ def params(**overrides: Any) -> dict[str, Any]:
 # --- R1: full stack vs raw loop ---------------------------------------------------------------
 
 
-def raw_fit(p: dict[str, Any]) -> float:
-    """Seconds of a plain PyTorch loop: train epochs plus a validation pass each, as Lightning does."""
+def raw_fit(p: dict[str, Any], optimizer: str = "labbook") -> float:
+    """Seconds of a plain PyTorch loop: train epochs plus a validation pass each, as Lightning does.
+
+    `optimizer`: "labbook" steps with the optimizer labbook's module builds (AdamW, weight decay on
+    matrices only, torch's fused kernel), so the ratios compare the same arithmetic; "default" with
+    the loop a user would write first, `torch.optim.AdamW(net.parameters())` (one group, torch's
+    per-tensor path), to show what the module's optimizer itself saves.
+    """
     L.seed_everything(p["seed"], verbose=False)
     datamodule = build_data(p)
     datamodule.setup()
     module = build_model(p, datamodule)
     net, loss_of = module.net, module.loss
-    optimizer = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    if optimizer == "default":
+        optimizer_ = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    else:
+        optimizer_ = module.configure_optimizers()  # no scheduler in the bench trial: a bare optimizer
+    assert isinstance(optimizer_, torch.optim.Optimizer)
     train, val = datamodule.train_dataloader(), datamodule.val_dataloader()
     start = time.perf_counter()
     for _ in range(p["max_epochs"]):
         net.train()
         for x, y in train:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_.zero_grad(set_to_none=True)
             loss = loss_of(net(x), y)
             loss.backward()
-            optimizer.step()
+            optimizer_.step()
         net.eval()
         with torch.no_grad():
             total = sum(float(loss_of(net(x), y)) * len(y) for x, y in val)
@@ -202,9 +212,11 @@ PIECES = (
 class _BareModule(L.LightningModule):
     """The raw loop's net, loss and optimizer as a LightningModule: what Lightning alone costs."""
 
-    def __init__(self, net: torch.nn.Module, loss: Callable[..., torch.Tensor], lr: float, wd: float) -> None:
+    def __init__(
+        self, net: torch.nn.Module, loss: Callable[..., torch.Tensor], optimizer: Callable[[], torch.optim.Optimizer]
+    ) -> None:
         super().__init__()
-        self.net, self.loss_of, self.lr, self.wd = net, loss, lr, wd
+        self.net, self.loss_of, self.optimizer = net, loss, optimizer
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -215,14 +227,16 @@ class _BareModule(L.LightningModule):
         self.loss_of(self.net(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.wd)
+        return self.optimizer()  # the raw loop's: labbook's module's optimizer over the same net
 
 
 def decomposed_fit(p: dict[str, Any], pieces: int, trial_params: Callable[[], dict[str, Any]]) -> float:
     """Seconds in `trainer.fit` with the first `pieces` rows of PIECES (1: bare Lightning)."""
     if pieces == len(PIECES):
         return full_stack_fit(p)
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from lightning_modules.callbacks import EpochCheckpoint
 
     L.seed_everything(p["seed"], verbose=False)
     p = _driven(p) if pieces >= 5 else {**p, "experiment_name": "bench", "run_id": ""}
@@ -230,13 +244,13 @@ def decomposed_fit(p: dict[str, Any], pieces: int, trial_params: Callable[[], di
     datamodule.setup()
     module = build_model(p, datamodule)
     if pieces < 3:
-        module = _BareModule(module.net, module.loss, p["lr"], p["weight_decay"])
+        module = _BareModule(module.net, module.loss, module.configure_optimizers)
     logger = in_notebook.mlflow_logger(p) if pieces >= 5 else False
     callbacks: list[Any] = []
     if pieces >= 4:
         monitor, mode = in_notebook.monitored(p, build_model(p, datamodule).monitor)
         callbacks.append(
-            ModelCheckpoint(
+            EpochCheckpoint(
                 dirpath=Path(tempfile.mkdtemp()), filename="best-{epoch}", monitor=monitor, mode=mode, save_last=True
             )
         )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.callbacks import StopOnNonFiniteLoss
+from lightning_modules.callbacks import EpochCheckpoint, StopOnNonFiniteLoss
 
 pytestmark = pytest.mark.fast
 
@@ -61,6 +61,52 @@ def test_a_nan_loss_stops_training_at_that_step_naming_epoch_and_step() -> None:
 def test_finite_losses_train_to_the_end() -> None:
     trainer = _fit(_Regression(), epochs=2)
     assert trainer.global_step == 8 and trainer.current_epoch == 2
+
+
+class _Validated(_Regression):
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201 - Lightning's signature
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+
+
+def _checkpointed_fit(tmp_path: Path, checkpoint: L.Callback, epochs: int, ckpt_path: str | None = None) -> L.Trainer:
+    torch.manual_seed(0)
+    x = torch.randn(32, 2)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(_Validated(), data, data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_the_epoch_checkpoint_keeps_the_stock_callbacks_key_both_ways(tmp_path: Path) -> None:
+    """A checkpoint the stock ModelCheckpoint saved restores the best path and score into
+    EpochCheckpoint and back: the callback's state is filed under the same key."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    settings = {"monitor": "val_loss", "mode": "min", "save_last": True, "filename": "best-{epoch}"}
+    assert EpochCheckpoint(**settings).state_key == ModelCheckpoint(**settings).state_key
+    for first, then in ((ModelCheckpoint, EpochCheckpoint), (EpochCheckpoint, ModelCheckpoint)):
+        folder = tmp_path / first.__name__
+        saved = first(dirpath=folder, **settings)
+        _checkpointed_fit(tmp_path, saved, epochs=2)
+        resumed = then(dirpath=folder, **settings)  # restored, and nothing left to train: its state is the file's
+        _checkpointed_fit(tmp_path, resumed, epochs=2, ckpt_path=str(folder / "last.ckpt"))
+        assert resumed.best_model_path == saved.best_model_path and Path(resumed.best_model_path).exists()
+        assert resumed.best_model_score == saved.best_model_score
+
+
+def test_the_epoch_checkpoint_still_saves_every_n_train_steps_when_asked(tmp_path: Path) -> None:
+    checkpoint = EpochCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    _checkpointed_fit(tmp_path, checkpoint, epochs=2)  # 8 steps: saved at 3 and 6, and at each epoch's end
+    names = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert "step=3.ckpt" in names and "step=6.ckpt" in names
 
 
 def test_notebook_fsdp_forks_its_processes_as_ddp_notebook_does() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,50 +49,66 @@ class _OtherRankLogger(DummyLogger):
     run_id = None
 
 
-class _AwaitedClient:
-    """An `MlflowClient` that remembers the operations of its asynchronous `log_batch` calls.
+# How long metrics may wait in a logger's buffer before the next `log_metrics` writes them: an
+# epoch longer than this (or metrics logged per step) still reaches the store as training goes.
+FLUSH_SECONDS = 5.0
 
-    MLflow's asynchronous logging (`log_batch(..., synchronous=False)`, MLflow >= 2.8) queues a
-    batch and returns at once; a batch that fails is only logged by MLflow's queue thread. `wait()`
-    waits for every queued batch and raises the first failure, so a metric that was not written
-    fails the notebook (and so the run) instead of vanishing. Everything else is the client's own.
+
+class _BatchingClient:
+    """An `MlflowClient` that holds the logger's metrics until `flush()` writes them in one batch.
+
+    Lightning's logger writes each `log_metrics` call at once: three batches an epoch here (the
+    learning rate at its start, validation, training), each a SQLite transaction of ~4 ms, or
+    MLflow's asynchronous queue, whose writer thread then competes with training for the GIL.
+    Both cost ~6% of a 0.4 s epoch (`bench/overhead.py` R1 decomposed). Held metrics are written
+    synchronously, in one `log_batch` (MLflow splits it into its 1,000-metric chunks), at the
+    points that keep the record true (`RunRecord`: before each checkpoint, at each epoch's start)
+    and at `finalize`; a failed write raises there, so a metric is never lost silently. Only
+    calls made while `collecting` (the logger's own `log_metrics`) are held; everything else is
+    the client's own. Written by hand: MLflow's client has no "batch until told" mode.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, run_id: str) -> None:
         self._client = client
-        self._pending: list[Any] = []
+        self._run_id = run_id
+        self._held: list[Any] = []
+        self._written_at = time.monotonic()
+        self.collecting = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
-    def log_batch(self, *args: Any, **kwargs: Any) -> Any:
-        operations = self._client.log_batch(*args, **kwargs)
-        if operations is not None:  # synchronous calls return None
-            self._pending.append(operations)
-        return operations
+    def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), **kwargs: Any) -> Any:
+        if self.collecting and run_id == self._run_id and not params and not tags:
+            self._held.extend(metrics)
+            if time.monotonic() - self._written_at >= FLUSH_SECONDS:
+                self.flush()
+            return None
+        return self._client.log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
-    def wait(self) -> None:
-        """Block until every queued batch is written; raises the first batch's error, if any."""
-        pending, self._pending = self._pending, []
-        for operations in pending:
-            operations.wait()
+    def flush(self) -> None:
+        """Write every held metric now, in one batch; raises the store's error, if any."""
+        held, self._held = self._held, []
+        self._written_at = time.monotonic()
+        if held:
+            self._client.log_batch(self._run_id, metrics=held, synchronous=True)
 
 
 class OneWriterLogger(MLFlowLogger):
     """Lightning's MLflow logger whose hyperparameters go through `tracking.log_params`, the one
-    writer of a run's params, and whose metrics are logged asynchronously.
+    writer of a run's params, and whose metrics are written in batches.
 
     Lightning's own cut each param value at 250 characters, so a param labbook had logged whole
     (`hidden_sizes` of 90 layers) came again with another value and MLflow failed the run
-    ("Changing param values is not allowed"). Metrics go through MLflow's asynchronous queue
-    (Lightning's `synchronous=False`): an epoch's batch no longer waits for the store (~7 ms on
-    SQLite). `flush` and `finalize` (end of fit and of test) wait for every queued batch and
-    raise the first one that failed (`_AwaitedClient`), so a metric is never lost silently.
+    ("Changing param values is not allowed"). Metrics are held (`_BatchingClient`) and written in
+    one batch at each `flush` (the `RunRecord` callback calls it before every checkpoint and at
+    every epoch's start), at the latest `FLUSH_SECONDS` after the last write, and at `finalize`
+    (end of fit and of test); a write that fails raises, so a metric is never lost silently.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, synchronous=False, **kwargs)
-        self._mlflow_client = _AwaitedClient(self._mlflow_client)
+        super().__init__(*args, **kwargs)
+        self._mlflow_client = _BatchingClient(self._mlflow_client, self._run_id)
 
     def log_hyperparams(self, params: Any) -> None:
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
@@ -99,9 +116,16 @@ class OneWriterLogger(MLFlowLogger):
         if is_rank_zero():
             tracking.log_params(self.experiment, self.run_id, _flatten_dict(_convert_params(params)))
 
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        self._mlflow_client.collecting = True
+        try:
+            super().log_metrics(metrics, step)
+        finally:
+            self._mlflow_client.collecting = False
+
     def flush(self) -> None:
-        """Wait until every metric logged so far is in the store (raises the first failure)."""
-        self._mlflow_client.wait()
+        """Write every metric logged so far to the store (raises the store's error, if any)."""
+        self._mlflow_client.flush()
 
     def finalize(self, status: str = "success") -> None:
         self.flush()
@@ -171,7 +195,7 @@ def _staged(logger: MLFlowLogger, artifact_path: str) -> Path | None:
 
 
 def flush(logger: MLFlowLogger) -> None:
-    """Wait until everything `logger` queued is in the store (a no-op for a synchronous logger)."""
+    """Write everything `logger` holds to the store now (a no-op for a logger that holds nothing)."""
     if callable(getattr(logger, "flush", None)):
         logger.flush()
 
@@ -273,21 +297,6 @@ def plugins() -> list[Any]:
     return [SLURMEnvironment(auto_requeue=False)]
 
 
-def _resume_callback() -> Any:
-    """Tags the run with the epoch a resumed fit starts at, so a reader sees it did not start at 0."""
-    from lightning.pytorch.callbacks import Callback
-
-    class RecordResume(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            if trainer.ckpt_path and is_rank_zero() and getattr(trainer.logger, "run_id", None):
-                client, run_id = trainer.logger.experiment, trainer.logger.run_id
-                client.set_tag(run_id, Tag.RESUMED_FROM, str(trainer.ckpt_path))
-                client.set_tag(run_id, Tag.RESUMED_AT_EPOCH, str(trainer.current_epoch))
-                print(f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch}, step {trainer.global_step}")
-
-    return RecordResume()
-
-
 def checkpoint_dir(params: dict[str, Any], run_id: str) -> Path:
     """The run's own checkpoint folder, or the resumable one `labbook` gave (`trainer.ckpt_path: last`)."""
     if params.get("checkpoint_dir"):
@@ -297,16 +306,31 @@ def checkpoint_dir(params: dict[str, Any], run_id: str) -> Path:
     return output_dir(params, run_id) / "checkpoints"
 
 
-class MetricsBeforeCheckpoint(Callback):
-    """Waits until the epoch's queued metrics are in the store before a checkpoint is written.
+class RunRecord(Callback):
+    """Keeps the run's record in step with training: metrics written before each checkpoint and
+    at each epoch's start, and a resumed fit's starting point tagged.
 
-    The logger queues metrics asynchronously (`OneWriterLogger`); a kernel killed right after a
-    checkpoint was saved lost the metrics of the epochs that checkpoint closed (CI: a crashed
-    run's record held no `val_loss` though its `last.ckpt` had closed epoch 0), and the resumed
-    run then starts after epochs the record never shows. Lightning runs every `ModelCheckpoint`
-    after the other callbacks (`_reorder_callbacks`), so waiting here, at the hooks where it
-    saves, orders the store before the file. The wait is for a batch already being written.
+    The logger holds metrics until flushed (`OneWriterLogger`). A kernel killed right after a
+    checkpoint was saved must not have lost the metrics of the epochs that checkpoint closed (CI:
+    a crashed run's record held no `val_loss` though its `last.ckpt` had closed epoch 0; the
+    resumed run then starts after epochs the record never shows). Lightning runs every
+    `ModelCheckpoint` after the other callbacks (`_reorder_callbacks`), so writing here, at the
+    hooks where it saves, orders the store before the file. Lightning logs an epoch's training
+    metrics after every `on_train_epoch_end` hook, so they are written at the next epoch's start
+    (or at `finalize`). One callback for the three: Lightning calls each callback's hooks at every
+    step, so each one costs ~1 µs a hook whether it acts or not.
     """
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Tag the run with the epoch a resumed fit starts at, so a reader sees it did not start at 0."""
+        if trainer.ckpt_path and is_rank_zero() and getattr(trainer.logger, "run_id", None):
+            client, run_id = trainer.logger.experiment, trainer.logger.run_id
+            client.set_tag(run_id, Tag.RESUMED_FROM, str(trainer.ckpt_path))
+            client.set_tag(run_id, Tag.RESUMED_AT_EPOCH, str(trainer.current_epoch))
+            print(f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch}, step {trainer.global_step}")
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._flush(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
@@ -326,12 +350,12 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
 
     The first callback is the checkpoint (the notebook reads `best_model_path` from it).
     """
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 
-    from lightning_modules.callbacks import StopOnNonFiniteLoss
+    from lightning_modules.callbacks import EpochCheckpoint, StopOnNonFiniteLoss
 
     found: list[Any] = [
-        ModelCheckpoint(
+        EpochCheckpoint(
             dirpath=checkpoint_dir(params, run_id) if is_rank_zero() else None,  # rank 0 broadcasts it
             filename="best-{epoch}",
             monitor=monitor,
@@ -339,10 +363,9 @@ def callbacks(params: dict[str, Any], run_id: str, monitor: str, mode: str) -> l
             save_top_k=1,
             save_last=True,
         ),
-        MetricsBeforeCheckpoint(),
+        RunRecord(),
         LearningRateMonitor(logging_interval="epoch"),
         StopOnNonFiniteLoss(),
-        _resume_callback(),
     ]
     if under_slurm_script():  # with `plugins()`: SLURM's requeue signal handled at a batch end
         from lightning_modules.requeue import RequeueOnSignal

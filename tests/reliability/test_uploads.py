@@ -1,14 +1,16 @@
 """Uploads off the critical path lose nothing (issue 26, item 2).
 
 Under a driver the train notebook stages its plots, tables and checkpoints in the run's
-`staged/` folder and logs metrics asynchronously; the driver uploads after the kernel is
-released (a study: in a background thread while the next trial runs) and closes the run only
-then. Real notebooks, processes and stores; a failure is a real one (a file where the artifact
-store needs a folder, a run that does not exist), never a mock.
+`staged/` folder and holds its metrics until the points that order the record (each
+checkpoint, each epoch's start); the driver uploads after the kernel is released (a study: in
+a background thread while the next trial runs) and closes the run only then. Real notebooks,
+processes and stores; a failure is a real one (a file where the artifact store needs a folder,
+a run that does not exist), never a mock.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow.pytorch
@@ -130,19 +132,92 @@ def test_files_staged_for_a_driver_that_died_are_uploaded_by_reap(store: str, tm
 
 
 @pytest.mark.fast
-def test_an_asynchronous_metric_batch_that_failed_is_raised_by_the_loggers_flush(store: str) -> None:
+def test_a_held_metric_batch_that_fails_is_raised_by_the_loggers_flush(store: str) -> None:
     from pipelines.nb.in_notebook import DriverOwnedLogger
 
     client = tracking.client(store)
-    run_id = tracking.start_run(client, "tiny", run_name="async")
+    run_id = tracking.start_run(client, "tiny", run_name="held")
     logger = DriverOwnedLogger(tracking_uri=store, run_id=run_id)
     logger.log_metrics({"val_loss": 0.5}, step=0)
     logger.flush()
     assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [0.5]
-    client.delete_run(run_id)  # a deleted run takes no metrics: this batch fails in MLflow's thread
+    client.delete_run(run_id)  # a deleted run takes no metrics: the held batch fails when written
     logger.log_metrics({"val_loss": 0.4}, step=1)
     with pytest.raises(Exception, match="deleted|active"):
         logger.flush()
+
+
+@pytest.mark.fast
+def test_metrics_logged_in_a_long_epoch_reach_the_store_without_waiting_for_its_end(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logger holds metrics between the points that must order the record (checkpoints,
+    epoch starts), but never longer than FLUSH_SECONDS: a reader of the UI sees a long epoch's
+    per-step metrics as they come."""
+    from pipelines.nb import in_notebook
+
+    monkeypatch.setattr(in_notebook, "FLUSH_SECONDS", 0.3)
+    client = tracking.client(store)
+    run_id = tracking.start_run(client, "tiny", run_name="long epoch")
+    logger = in_notebook.DriverOwnedLogger(tracking_uri=store, run_id=run_id)
+    logger.log_metrics({"train_loss_step": 0.9}, step=0)
+    time.sleep(0.4)
+    logger.log_metrics({"train_loss_step": 0.8}, step=1)  # 0.4 s after the last write: both go now
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss_step")] == [0.9, 0.8]
+    logger.log_metrics({"train_loss_step": 0.7}, step=2)  # held until the next flush
+    logger.finalize("success")
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss_step")] == [0.9, 0.8, 0.7]
+
+
+@pytest.mark.fast
+def test_whenever_a_checkpoint_is_written_the_store_holds_every_metric_of_the_epochs_it_closed(
+    store: str, tmp_path: Path
+) -> None:
+    """Along the notebook's own logger and callbacks, a real fit: a checkpoint callback placed
+    after labbook's (Lightning runs checkpoints last, in order) reads the store as each epoch's
+    checkpoint is saved: that epoch's validation metrics and learning rate are there, and the
+    training metrics of every epoch before it, which are also there when the next epoch starts."""
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import Checkpoint
+
+    from lightning_modules import build_data, build_model
+    from pipelines.nb import in_notebook
+
+    client = tracking.client(store)
+    run_id = tracking.start_run(client, "tiny", run_name="order")
+    params = {"model": "mlp_regressor", "data": "regression", "n_samples": 240, "batch_size": 32, "max_epochs": 3}
+    params |= {"tracking_uri": store, "run_id": run_id, "experiment_name": "tiny", "output_dir": str(tmp_path)}
+    seen: list[tuple[int, int, int, int]] = []
+    started: list[tuple[int, int]] = []
+
+    class ReadsTheStore(Checkpoint):
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                count = {
+                    k: len(client.get_metric_history(run_id, k)) for k in ("val_loss", "lr-AdamW/pg1", "train_loss")
+                }
+                seen.append((trainer.current_epoch, count["val_loss"], count["lr-AdamW/pg1"], count["train_loss"]))
+
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int) -> None:
+            if i == 0:  # a kernel killed from here on has the last epoch's training metrics in the record
+                started.append((trainer.current_epoch, len(client.get_metric_history(run_id, "train_loss"))))
+
+    logger = in_notebook.mlflow_logger(params)
+    datamodule = build_data(params)
+    model = build_model(params, datamodule)
+    callbacks = in_notebook.callbacks(params, run_id, "val_loss", "min") + [ReadsTheStore()]
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=logger,
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert seen == [(0, 1, 1, 0), (1, 2, 2, 1), (2, 3, 3, 2)]
+    assert started == [(0, 0), (1, 1), (2, 2)]
+    assert len(client.get_metric_history(run_id, "train_loss")) == 3  # the last epoch's, at the end of fit
 
 
 @pytest.mark.fast
