@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -163,12 +164,13 @@ def r1(repeats: int, epochs: int) -> dict[str, Any]:
     # The same number of steps at both batch sizes (E × 8 epochs at 512): at E epochs a batch-512
     # fit is ~0.2 s, too short for its slope to rise above the machine's noise.
     for batch, base in ((64, epochs), (512, 8 * epochs)):
-        times: dict[str, list[float]] = {f"{v}_{e}": [] for v in ("raw", "full") for e in ("E", "4E")}
+        times: dict[str, list[float]] = {f"{v}_{e}": [] for v in ("raw", "full", "naive") for e in ("E", "4E")}
         for r in range(repeats):
             for label, n in (("E", base), ("4E", 4 * base)):
                 p = params(batch_size=batch, max_epochs=n)
                 times[f"raw_{label}"].append(raw_fit(p))
                 times[f"full_{label}"].append(full_stack_fit(p))
+                times[f"naive_{label}"].append(raw_fit(p, optimizer="default"))
             say(
                 f"  R1 batch {batch} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
@@ -182,7 +184,16 @@ def r1(repeats: int, epochs: int) -> dict[str, Any]:
             (f1 - (f4 - f1) / 3) - (r1_ - (r4 - r1_) / 3)
             for f1, f4, r1_, r4 in zip(times["full_E"], times["full_4E"], times["raw_E"], times["raw_4E"], strict=True)
         ]
+        # The full stack against the loop a user writes first (torch's default AdamW, one group):
+        # what moving that loop into labbook costs or saves, optimizer included.
+        over_naive = [
+            (f4 - f1) / (n4 - n1)
+            for f1, f4, n1, n4 in zip(
+                times["full_E"], times["full_4E"], times["naive_E"], times["naive_4E"], strict=True
+            )
+        ]
         found[f"batch_{batch}"] = {
+            "ratio_per_epoch_over_default_adamw_loop": stats(over_naive),
             "ratio_total_4E": stats(ratio_4e),
             "ratio_per_epoch": stats(per_epoch),
             "extra_fixed_seconds_per_fit": stats(fixed),
@@ -201,11 +212,11 @@ PIECES = (
     "+ validation loop",
     "+ labbook's module (torchmetrics per step, self.log per epoch)",
     "+ checkpointing (best and last)",
-    "+ MLflow logger (metrics per epoch)",
+    "+ MLflow logger (an epoch's metrics written before its checkpoint and at the next epoch's start)",
     "+ LR monitor",
     "+ pruning callback (reports to a SQLite study)",
     "+ non-finite loss check",
-    "= full stack (as R1: + resume callback, deterministic='warn')",
+    "= full stack (as R1: deterministic='warn', the notebook's own callback list)",
 )
 
 
@@ -246,7 +257,7 @@ def decomposed_fit(p: dict[str, Any], pieces: int, trial_params: Callable[[], di
     if pieces < 3:
         module = _BareModule(module.net, module.loss, module.configure_optimizers)
     logger = in_notebook.mlflow_logger(p) if pieces >= 5 else False
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [in_notebook.RunRecord()] if logger else []  # the logger's flush points
     if pieces >= 4:
         monitor, mode = in_notebook.monitored(p, build_model(p, datamodule).monitor)
         callbacks.append(
@@ -619,7 +630,10 @@ def r3_r7(repeats: int, store: Path, n_trials: int) -> dict[str, Any]:
 def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_epochs: int) -> dict[str, float]:
     """A TPE study of `n_trials` trials of up to `max_epochs` epochs: epochs trained and best val_r2.
 
-    `pruner`: a spec's `tune.pruner` section (built by labbook's own `study.pruner`), None for none.
+    As labbook's studies run: `pruner` is a spec's `tune.pruner` section (None for none), built by
+    labbook's `study.pruner`; the pruning callback reports epochs trained as the step
+    (`study.pruning_trial` on a study marked by `study.mark_steps`); a trial's value is its best
+    epoch's val_r2 (`tune.best_logged`: the best checkpoint is the model kept), not its last.
     """
     from optuna_integration import PyTorchLightningPruningCallback
 
@@ -631,7 +645,16 @@ def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_e
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
         pruner=studies.pruner(PrunerSpec(**pruner)) if pruner else optuna.pruners.NopPruner(),
     )
+    studies.mark_steps(study)
     epochs = 0
+
+    class BestEpoch(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if not trainer.sanity_checking:
+                self.values.append(float(trainer.callback_metrics["val_r2"]))
 
     def objective(trial: optuna.Trial) -> float:
         nonlocal epochs
@@ -647,7 +670,10 @@ def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_e
         datamodule = build_data(p)
         datamodule.setup()
         net = build_model(p, datamodule)
-        callbacks = [PyTorchLightningPruningCallback(trial, monitor="val_r2")] if pruned else []
+        best = BestEpoch()
+        callbacks: list[Any] = [best]
+        if pruned:
+            callbacks.append(PyTorchLightningPruningCallback(studies.pruning_trial(study, trial), monitor="val_r2"))
         trainer = L.Trainer(
             max_epochs=max_epochs,
             accelerator="cpu",
@@ -660,28 +686,28 @@ def pruning_study(seed: int, pruner: dict[str, Any] | None, n_trials: int, max_e
         try:
             trainer.fit(net, datamodule=datamodule)
         except optuna.TrialPruned:
-            # Pruned in epoch k's validation (step k, 0-based): k + 1 epochs were trained, and
-            # trainer.current_epoch still says k (it counts epochs finished, and k never finished).
+            # Pruned in epoch k's validation (k 0-based): k + 1 epochs were trained (the step
+            # reported), and trainer.current_epoch still says k (k never finished).
             epochs += trainer.current_epoch + 1
             raise
         epochs += trainer.current_epoch
-        if callbacks:
-            callbacks[0].check_pruned()
-        return float(trainer.callback_metrics["val_r2"])
+        finite = [v for v in best.values if math.isfinite(v)]
+        return max(finite) if finite else float("nan")
 
     study.optimize(objective, n_trials=n_trials)
     return {"epochs": epochs, "best": study.best_value}
 
 
-# Successive halving keeping the top quarter at each rung (steps 1 and 4: after epochs 2 and 5).
-# Measured 2026-12-01 (README, Performance, R5: successive halving at reduction factors 3-16,
-# min_resource 1-2, min_early_stopping_rate 0-1; Hyperband; median; percentile; 30 and 60 trials;
-# seeds 0-5), epochs really trained: 2.6-2.8x on seeds 0-2 at equal best (2.9-3.3x on seeds 3-5,
-# where seeds 3 and 5 end 0.0012 below), the most of any setting at equal best on seeds 0-2. None
-# reaches 4x at equal best: factors 6-16 (2.6-3.8x at 30 trials, 3.2-4.0x at 60) lose 0.0013-0.0029
-# on seed 1; a trial cut at the first rung has trained 2 epochs, so 4x needs nearly every cut there.
+# Successive halving keeping the top quarter at each rung: cuts after 1 and 4 epochs trained.
+# Measured 2026-12-06 (README, Performance, R5: successive halving at reduction factors 3-16,
+# Hyperband at 3-4, median; 30 and 60 trials; seeds 0-5; steps as Lightning's 0-based epoch and as
+# epochs trained; a trial's value its last and its best epoch's): at 60 trials this setting is
+# the one that gives ≥ 4× on seeds 0-2 (4.24, 4.44, 3.89) with every seed's best within 0.0002
+# (seeds 3-5: 3.75, 3.73, 4.62, within 0.0005); factor 6 gives more (4.71 median) but seed 1 ends
+# 0.00099 below, on the line. At 30 trials no setting reaches 4× (factor 4: 3.2-3.6×; factor 6:
+# 3.5-4.9×, median 3.87): the first trials, which no pruner can cut, weigh more.
 R5_PRUNER: dict[str, Any] = {"name": "successive_halving", "min_resource": 1, "reduction_factor": 4}
-R5_TRIALS = 30  # per study; 60 did not help: the study without pruning finds better trials too
+R5_TRIALS = 60  # per study
 R5_SEEDS = (0, 1, 2)
 R5_EQUAL = 0.001  # best val_r2 with pruning at most this far below without, on every seed: "equal"
 
@@ -780,6 +806,15 @@ def table(results: dict[str, Any]) -> str:
                 verdict(median, median <= target),
             )
         )
+        if "ratio_per_epoch_over_default_adamw_loop" in entry:
+            rows.append(
+                (
+                    f"R1 … full stack ÷ a raw loop with torch's default AdamW (one group, per-tensor), batch {batch}",
+                    cell(entry["ratio_per_epoch_over_default_adamw_loop"], ".2f"),
+                    "",
+                    "",
+                )
+            )
         rows.append(
             (
                 f"R1 … total at 4E epochs, batch {batch} "

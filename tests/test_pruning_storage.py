@@ -192,3 +192,65 @@ def test_a_trial_finished_after_the_kernels_cache_was_filled_still_counts(tmp_pa
     assert fresh.pruner.prune(fresh, fresh._storage.get_trial(kernel_trial._trial_id))
     seen = kernel_trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     assert already_running.number in {t.number for t in seen} and len(seen) == 8
+
+
+def _fit_with_pruning(url: str, number: int, epochs: int = 3) -> tuple[Any, bool]:
+    """A real 3-epoch fit of a small regression MLP, judged by the notebook's pruning callback."""
+    import lightning.pytorch as L
+
+    from lightning_modules import build_data, build_model
+
+    callback = in_notebook.pruning_callback(
+        {"optuna_storage": url, "study_name": NAME, "trial_number": number, "monitor": "val_r2"}
+    )
+    params = {"model": "mlp_regressor", "data": "regression", "n_samples": 200, "batch_size": 50}
+    datamodule = build_data(params)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    try:
+        trainer.fit(build_model(params, datamodule), datamodule=datamodule)
+    except optuna.TrialPruned:
+        return trainer, True
+    return trainer, False
+
+
+def test_a_new_studys_steps_count_epochs_trained_and_an_older_study_keeps_its_own(tmp_path: Path) -> None:
+    """`min_resource: 1` means one epoch: a labbook study's steps are epochs trained (1, 2, 3).
+    A study that already has trials from before keeps Lightning's 0-based epochs, so no study
+    holds both counts."""
+    for label, before, expected in (("new", 0, [1, 2, 3]), ("older", 1, [0, 1, 2])):
+        url = f"sqlite:///{tmp_path / label}.db"
+        made = optuna.create_study(study_name=NAME, storage=study.storage(url), direction="maximize")
+        for _ in range(before):
+            _finish(made, 0.5)
+        study.mark_steps(made)
+        study.mark_steps(made)  # a resumed study is marked (or not) the same way again
+        trial = made.ask()
+        _fit_with_pruning(url, trial.number)
+        reported = study.storage(url).get_trial(trial._trial_id).intermediate_values
+        assert sorted(reported) == expected, label
+
+
+def test_successive_halving_with_min_resource_1_cuts_after_one_epoch_trained(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sh'}.db"
+    spec = PrunerSpec(name="successive_halving", min_resource=1, reduction_factor=2)
+    made = optuna.create_study(
+        study_name=NAME, storage=study.storage(url), direction="maximize", pruner=study.pruner(spec)
+    )
+    made.set_user_attr(Attr.PRUNER, spec.model_dump())
+    study.mark_steps(made)
+    for _ in range(3):  # three trials that were excellent after their first epoch
+        trial = made.ask()
+        trial.report(0.999, 1)
+        assert not trial.should_prune()
+        made.tell(trial, 0.999)
+    trial = made.ask()
+    trainer, pruned = _fit_with_pruning(url, trial.number)
+    assert pruned and trainer.current_epoch == 0  # cut in the first epoch's validation: 1 epoch trained

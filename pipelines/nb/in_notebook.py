@@ -248,7 +248,8 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
     loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})))
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
-    return PyTorchLightningPruningCallback(optuna.trial.Trial(loaded, trial_id), monitor=params["monitor"])
+    trial = study.pruning_trial(loaded, optuna.trial.Trial(loaded, trial_id))  # steps in epochs trained
+    return PyTorchLightningPruningCallback(trial, monitor=params["monitor"])
 
 
 def strategy(name: str) -> Any:

@@ -115,10 +115,11 @@ class SamplerSpec(_Strict):
 
 class PrunerSpec(_Strict):
     name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    # A study's steps are epochs trained (`study.EPOCHS_TRAINED`): step 1 is the first epoch's value.
     n_startup_trials: int = Field(2, ge=0)  # median: trials finished before pruning starts
-    n_warmup_steps: int = Field(2, ge=0)  # median: epochs of a trial before it can be pruned
-    min_resource: int | Literal["auto"] = "auto"  # successive_halving, hyperband: epochs
-    reduction_factor: int = Field(3, ge=2)  # successive_halving, hyperband
+    n_warmup_steps: int = Field(2, ge=0)  # median: a trial can be pruned once it has trained this many epochs
+    min_resource: int | Literal["auto"] = "auto"  # successive_halving, hyperband: epochs trained before the first cut
+    reduction_factor: int = Field(3, ge=2)  # successive_halving, hyperband: 1 in this many goes on at each rung
 
 
 class TuneSpec(_Strict):

@@ -201,6 +201,7 @@ def create(handle: Study) -> tuple[optuna.Study, str]:
         )
     # Kernels (on any machine) rebuild the pruner and read the metric from the study itself.
     created.set_user_attr(Attr.PRUNER, tune.pruner.model_dump())
+    studies.mark_steps(created)  # a new study's steps count epochs trained
     created.set_user_attr(Attr.METRIC, tune.metric)
     created.set_user_attr(Attr.SETTINGS, fixed_settings(handle))  # what a joining worker must train with
     studies.fail_stale_trials(created)

@@ -98,6 +98,7 @@ class Attr:
     # A study's.
     PARENT_RUN = "mlflow_parent_run_id"
     PRUNER = "pruner"
+    PRUNING_STEP = "pruning_step"  # what a reported step counts: "epochs_trained" (absent: Lightning's 0-based epoch)
     METRIC = "metric"
     BEST_BY_MEAN = "best_by_mean"
     SETTINGS = "settings"  # the driver's settings of every trial, less the searched ones: workers must match
