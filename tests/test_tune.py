@@ -60,7 +60,7 @@ def test_known_answer_and_the_mlflow_layout_of_a_study(store: str, optuna_url: s
     assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert parent.info.status == "FINISHED"
     assert parent.data.params["space.lr"] == "float [1e-05, 1] log"
-    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "median"
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["pruner"] == "successive_halving"
     assert parent.data.params["n_trials"] == "4" and parent.data.params["metric"] == "val_r2"
     assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     assert parent.data.metrics["n_complete"] + parent.data.metrics["n_pruned"] + parent.data.metrics["n_fail"] == 4
