@@ -8,6 +8,7 @@ same names: `optimizer`, `lr`, `momentum`, `weight_decay`, `l1`, `scheduler`,
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from typing import Any, ClassVar
@@ -38,7 +39,7 @@ SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)
 _FUSED_DEVICES = frozenset({"cpu", "cuda", "mps", "xpu"})
 
 
-def fused_supported(groups: list[dict[str, Any]]) -> bool | None:
+def fused_supported(groups: list[dict[str, Any]], precision: str | None = None) -> bool | None:
     """True when torch's fused SGD/Adam/AdamW kernel can step every parameter in `groups`.
 
     The fused step is the same update in one kernel per group: on this repository's MLP
@@ -47,10 +48,27 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool | None:
     tensor, a sharded placeholder) or a non-float dtype keep torch's default (None), which
     picks the foreach or per-tensor path itself. Results may differ from the default path in
     the last bits of a float (a different order of operations), never in the method.
+
+    `precision`: the Trainer's (`"32-true"`, `"bf16-mixed"`, ...). Under a `*-mixed` precision
+    the default path is kept: a fused optimizer unscales its own gradients
+    (`_step_supports_amp_scaling`), which Lightning's mixed precision refuses together with
+    gradient clipping (`MixedPrecision.clip_gradients`: "does not allow for gradient clipping"),
+    and under FSDP with a scaler it would skip `ShardedGradScaler.unscale_`, the one place the
+    ranks agree on an overflow.
     """
+    if precision is not None and "mixed" in str(precision):
+        return None
     params = [p for group in groups for p in group["params"]]
     ok = bool(params) and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params)
     return True if ok else None
+
+
+def _keep_fused(fused: bool | None, optimizer: torch.optim.Optimizer) -> None:
+    """After `load_state_dict`: the groups keep the `fused` this run chose, not the checkpoint's
+    (torch restores each saved group's options, so a checkpoint from before the fused step, or
+    from a run under another precision, would switch it silently)."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused
 
 
 class TrainableModule(L.LightningModule):
@@ -126,7 +144,8 @@ class TrainableModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         s = self.optim_settings
         groups = self.decay_groups()
-        fused = fused_supported(groups)
+        trainer = self._trainer  # None when built by hand (a raw loop): full precision
+        fused = fused_supported(groups, trainer.precision if trainer is not None else None)
         if s["optimizer"] == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=s["lr"], momentum=s["momentum"], fused=fused)
         elif s["optimizer"] == "adam":
@@ -134,6 +153,7 @@ class TrainableModule(L.LightningModule):
             opt = torch.optim.Adam(groups, lr=s["lr"], fused=fused)
         else:
             opt = torch.optim.AdamW(groups, lr=s["lr"], fused=fused)
+        opt.register_load_state_dict_post_hook(functools.partial(_keep_fused, fused))
         if s["scheduler"] == "none" and s["warmup_epochs"] == 0:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler(opt), "interval": "step"}}

@@ -88,6 +88,13 @@ class RequeueOnSignal(Callback):
             return
         self.signalled = False
         path = strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)), src=0)
+        for logger in trainer.loggers:
+            # A logger that holds metrics between writes (labbook's) writes them before the file
+            # exists: the process ends below without Lightning's finalize, and the requeued job
+            # resumes mid-epoch (it never logs that epoch's start again).
+            flush = getattr(logger, "flush", None)
+            if callable(flush):
+                flush()
         trainer.save_checkpoint(path)  # rank 0 writes; every rank meets at its barrier
         self.saved = Path(path)
         for logger in trainer.loggers:

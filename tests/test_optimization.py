@@ -73,6 +73,40 @@ def test_the_optimizer_is_fused_on_cpu_and_steps_as_torchs_default(name: str) ->
         torch.testing.assert_close(fused_w, default_w, rtol=1e-5, atol=1e-6)
 
 
+def test_mixed_precision_with_gradient_clipping_trains_on_torchs_default_step() -> None:
+    """A fused optimizer unscales its own gradients, which Lightning's mixed precision refuses
+    together with clipping ("does not allow for gradient clipping"): under `*-mixed` the step is
+    torch's default, and the fit runs."""
+    params = {"model": "mlp_classifier", "data": "digits", "batch_size": 32}
+    datamodule = build_data(params)
+    model = build_model(params, datamodule)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 3 and trainer.optimizers[0].defaults["fused"] is None
+
+
+def test_a_checkpoint_from_the_unfused_step_resumes_fused() -> None:
+    """torch restores each saved group's options; the run's own choice is put back after loading."""
+    model, trainer, _ = fit(epochs=1, batches=1)
+    optimizer = trainer.optimizers[0]
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group["fused"] = None  # as a checkpoint from before the fused step holds it
+    optimizer.load_state_dict(saved)
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+
+
 def test_a_parameter_torch_cannot_fuse_keeps_torchs_default_path() -> None:
     from lightning_modules.base import fused_supported
 

@@ -254,3 +254,21 @@ def test_successive_halving_with_min_resource_1_cuts_after_one_epoch_trained(tmp
     trial = made.ask()
     trainer, pruned = _fit_with_pruning(url, trial.number)
     assert pruned and trainer.current_epoch == 0  # cut in the first epoch's validation: 1 epoch trained
+
+
+def test_hyperband_on_epochs_trained_spans_exactly_the_trials_epochs(tmp_path: Path) -> None:
+    """Optuna's `max_resource="auto"` is the last step + 1 (0-based steps): counted in epochs
+    trained it would be max_epochs + 1, a bracket too many at 8 epochs and factor 3, whose first
+    rung no trial reaches (its trials never pruned). The kernel gives Hyperband max_epochs."""
+    url = f"sqlite:///{tmp_path / 'hb'}.db"
+    spec = PrunerSpec(name="hyperband", min_resource=1, reduction_factor=3)
+    made = optuna.create_study(study_name=NAME, storage=study.storage(url), direction="maximize")
+    made.set_user_attr(Attr.PRUNER, spec.model_dump())
+    study.mark_steps(made)
+    trial = made.ask()
+    callback = in_notebook.pruning_callback(
+        {"optuna_storage": url, "study_name": NAME, "trial_number": trial.number, "monitor": "v", "max_epochs": 8}
+    )
+    hyperband = callback._trial.study.pruner
+    assert hyperband._max_resource == 8
+    assert hyperband._try_initialization(callback._trial.study) is None and hyperband._n_brackets == 2

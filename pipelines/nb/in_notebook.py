@@ -49,8 +49,8 @@ class _OtherRankLogger(DummyLogger):
     run_id = None
 
 
-# How long metrics may wait in a logger's buffer before the next `log_metrics` writes them: an
-# epoch longer than this (or metrics logged per step) still reaches the store as training goes.
+# How long metrics logged per step may wait in a logger's buffer: the first `log_metrics` this
+# long after the last write writes them, so a long epoch's per-step metrics reach the store as it goes.
 FLUSH_SECONDS = 5.0
 
 
@@ -62,10 +62,13 @@ class _BatchingClient:
     MLflow's asynchronous queue, whose writer thread then competes with training for the GIL.
     Both cost ~6% of a 0.4 s epoch (`bench/overhead.py` R1 decomposed). Held metrics are written
     synchronously, in one `log_batch` (MLflow splits it into its 1,000-metric chunks), at the
-    points that keep the record true (`RunRecord`: before each checkpoint, at each epoch's start)
-    and at `finalize`; a failed write raises there, so a metric is never lost silently. Only
-    calls made while `collecting` (the logger's own `log_metrics`) are held; everything else is
-    the client's own. Written by hand: MLflow's client has no "batch until told" mode.
+    points that keep the record true (`RunRecord`: before each checkpoint, and the epoch's
+    training metrics, which Lightning logs after its checkpoint, at once: `write_next`), at the
+    first log `FLUSH_SECONDS` after the last write, and at `finalize`. A write that fails raises
+    there and keeps the batch for the next try (MLflow's SQL store ignores rows it already has),
+    so a metric is never lost silently. Only calls made while `collecting` (the logger's own
+    `log_metrics`) are held; everything else is the client's own. Written by hand: MLflow's
+    client has no "batch until told" mode.
     """
 
     def __init__(self, client: Any, run_id: str) -> None:
@@ -74,6 +77,7 @@ class _BatchingClient:
         self._held: list[Any] = []
         self._written_at = time.monotonic()
         self.collecting = False
+        self.write_next = False  # write the next held batch at once (set after a checkpoint)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -81,17 +85,24 @@ class _BatchingClient:
     def log_batch(self, run_id: str, metrics: Any = (), params: Any = (), tags: Any = (), **kwargs: Any) -> Any:
         if self.collecting and run_id == self._run_id and not params and not tags:
             self._held.extend(metrics)
-            if time.monotonic() - self._written_at >= FLUSH_SECONDS:
+            if self.write_next or time.monotonic() - self._written_at >= FLUSH_SECONDS:
                 self.flush()
             return None
         return self._client.log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
     def flush(self) -> None:
-        """Write every held metric now, in one batch; raises the store's error, if any."""
+        """Write every held metric now, in one batch; raises the store's error, if any, and then
+        still holds the batch (an interrupt in the middle too), for `finalize` to try again."""
+        self.write_next = False
         held, self._held = self._held, []
         self._written_at = time.monotonic()
-        if held:
+        if not held:
+            return
+        try:
             self._client.log_batch(self._run_id, metrics=held, synchronous=True)
+        except BaseException:
+            self._held[:0] = held
+            raise
 
 
 class OneWriterLogger(MLFlowLogger):
@@ -101,9 +112,10 @@ class OneWriterLogger(MLFlowLogger):
     Lightning's own cut each param value at 250 characters, so a param labbook had logged whole
     (`hidden_sizes` of 90 layers) came again with another value and MLflow failed the run
     ("Changing param values is not allowed"). Metrics are held (`_BatchingClient`) and written in
-    one batch at each `flush` (the `RunRecord` callback calls it before every checkpoint and at
-    every epoch's start), at the latest `FLUSH_SECONDS` after the last write, and at `finalize`
-    (end of fit and of test); a write that fails raises, so a metric is never lost silently.
+    one batch at each `flush` (the `RunRecord` callback calls it before every checkpoint, and has
+    the epoch's training metrics written as they come), at the first log `FLUSH_SECONDS` after the
+    last write, and at `finalize` (end of fit and of test); a write that fails raises, so a metric
+    is never lost silently.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -246,7 +258,9 @@ def pruning_callback(params: dict[str, Any]) -> Any:
 
     storage = study.pruning_storage(params["optuna_storage"])
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
-    loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})))
+    in_epochs = loaded.user_attrs.get(Attr.PRUNING_STEP) == study.EPOCHS_TRAINED
+    max_epochs = int(params["max_epochs"]) if in_epochs and params.get("max_epochs") else None
+    loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})), max_resource=max_epochs)
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
     trial = study.pruning_trial(loaded, optuna.trial.Trial(loaded, trial_id))  # steps in epochs trained
     return PyTorchLightningPruningCallback(trial, monitor=params["monitor"])
@@ -308,18 +322,20 @@ def checkpoint_dir(params: dict[str, Any], run_id: str) -> Path:
 
 
 class RunRecord(Callback):
-    """Keeps the run's record in step with training: metrics written before each checkpoint and
-    at each epoch's start, and a resumed fit's starting point tagged.
+    """Keeps the run's record in step with training: an epoch's metrics written before its
+    checkpoint, its training metrics right after, and a resumed fit's starting point tagged.
 
     The logger holds metrics until flushed (`OneWriterLogger`). A kernel killed right after a
     checkpoint was saved must not have lost the metrics of the epochs that checkpoint closed (CI:
     a crashed run's record held no `val_loss` though its `last.ckpt` had closed epoch 0; the
-    resumed run then starts after epochs the record never shows). Lightning runs every
-    `ModelCheckpoint` after the other callbacks (`_reorder_callbacks`), so writing here, at the
-    hooks where it saves, orders the store before the file. Lightning logs an epoch's training
-    metrics after every `on_train_epoch_end` hook, so they are written at the next epoch's start
-    (or at `finalize`). One callback for the three: Lightning calls each callback's hooks at every
-    step, so each one costs ~1 µs a hook whether it acts or not.
+    resumed run then starts after epochs the record never shows). `ModelCheckpoint` saves at
+    `on_train_epoch_end` when validation runs once an epoch (`_should_save_on_train_epoch_end`),
+    at `on_validation_end` otherwise, and Lightning runs it after the other callbacks
+    (`_reorder_callbacks`, the monitoring pass): writing here, at both hooks, orders the store
+    before the file. Lightning logs the epoch's training metrics after every `on_train_epoch_end`
+    hook, so the logger is told to write them at once (`write_next`), and the window between the
+    file and them is that one write. One callback for all of it: Lightning calls each callback's
+    hooks at every step, so each one costs ~1 µs a hook whether it acts or not.
     """
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -330,15 +346,22 @@ class RunRecord(Callback):
             client.set_tag(run_id, Tag.RESUMED_AT_EPOCH, str(trainer.current_epoch))
             print(f"resumed from {trainer.ckpt_path}: epoch {trainer.current_epoch}, step {trainer.global_step}")
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._flush(trainer)
-
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
             self._flush(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush(trainer)
+        for logger in trainer.loggers:
+            client = getattr(logger, "_mlflow_client", None)
+            if isinstance(client, _BatchingClient):
+                client.write_next = True
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        for logger in trainer.loggers:  # nothing came after the last epoch's end: hold again
+            client = getattr(logger, "_mlflow_client", None)
+            if isinstance(client, _BatchingClient):
+                client.write_next = False
 
     @staticmethod
     def _flush(trainer: Any) -> None:

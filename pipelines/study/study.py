@@ -377,7 +377,10 @@ def mark_steps(study: optuna.Study) -> None:
         study.set_user_attr(Attr.PRUNING_STEP, EPOCHS_TRAINED)
 
 
-def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
+def pruner(spec: PrunerSpec, max_resource: int | None = None) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for `spec`. `max_resource`: Hyperband's most epochs a trial trains, where
+    steps count epochs trained (Optuna's "auto" reads it as the last step + 1, which assumes
+    0-based steps and would add a bracket whose first rung no trial reaches)."""
     if spec.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.n_startup_trials, n_warmup_steps=spec.n_warmup_steps)
     if spec.name == "successive_halving":
@@ -386,7 +389,9 @@ def pruner(spec: PrunerSpec) -> optuna.pruners.BasePruner:
         )
     if spec.name == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=1 if spec.min_resource == "auto" else spec.min_resource, reduction_factor=spec.reduction_factor
+            min_resource=1 if spec.min_resource == "auto" else spec.min_resource,
+            max_resource=max_resource or "auto",
+            reduction_factor=spec.reduction_factor,
         )
     return optuna.pruners.NopPruner()
 

@@ -145,6 +145,9 @@ def test_a_held_metric_batch_that_fails_is_raised_by_the_loggers_flush(store: st
     logger.log_metrics({"val_loss": 0.4}, step=1)
     with pytest.raises(Exception, match="deleted|active"):
         logger.flush()
+    client.restore_run(run_id)  # the store is back: the batch that failed is written by the next try
+    logger.finalize("success")
+    assert [m.value for m in client.get_metric_history(run_id, "val_loss")] == [0.5, 0.4]
 
 
 @pytest.mark.fast
@@ -173,10 +176,12 @@ def test_metrics_logged_in_a_long_epoch_reach_the_store_without_waiting_for_its_
 def test_whenever_a_checkpoint_is_written_the_store_holds_every_metric_of_the_epochs_it_closed(
     store: str, tmp_path: Path
 ) -> None:
-    """Along the notebook's own logger and callbacks, a real fit: a checkpoint callback placed
-    after labbook's (Lightning runs checkpoints last, in order) reads the store as each epoch's
-    checkpoint is saved: that epoch's validation metrics and learning rate are there, and the
-    training metrics of every epoch before it, which are also there when the next epoch starts."""
+    """Along the notebook's own logger and callbacks, a real fit, validating once an epoch (where
+    Lightning's checkpoint saves at the training epoch's end) and twice an epoch (where it saves
+    at each validation's end). A checkpoint callback placed after labbook's (Lightning runs
+    checkpoints last, in order) reads the store as each checkpoint is saved: that epoch's
+    validation metrics and learning rate are there, and the training metrics of every epoch
+    before it; when the next epoch starts, the last epoch's training metrics are there too."""
     import lightning.pytorch as L
     from lightning.pytorch.callbacks import Checkpoint
 
@@ -184,40 +189,53 @@ def test_whenever_a_checkpoint_is_written_the_store_holds_every_metric_of_the_ep
     from pipelines.nb import in_notebook
 
     client = tracking.client(store)
-    run_id = tracking.start_run(client, "tiny", run_name="order")
-    params = {"model": "mlp_regressor", "data": "regression", "n_samples": 240, "batch_size": 32, "max_epochs": 3}
-    params |= {"tracking_uri": store, "run_id": run_id, "experiment_name": "tiny", "output_dir": str(tmp_path)}
-    seen: list[tuple[int, int, int, int]] = []
-    started: list[tuple[int, int]] = []
+    keys = ("val_loss", "lr-AdamW/pg1", "train_loss")
 
     class ReadsTheStore(Checkpoint):
+        def __init__(self, run_id: str) -> None:
+            self.run_id, self.saved, self.started = run_id, [], []
+
+        def _read(self, trainer: L.Trainer) -> None:
+            last = torch.load(trainer.checkpoint_callback.last_model_path, weights_only=False)
+            counts = tuple(len(client.get_metric_history(self.run_id, k)) for k in keys)
+            self.saved.append((last["epoch"], trainer.global_step == last["global_step"], *counts))
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.val_check_interval == 1.0:
+                self._read(trainer)
+
         def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if not trainer.sanity_checking:
-                count = {
-                    k: len(client.get_metric_history(run_id, k)) for k in ("val_loss", "lr-AdamW/pg1", "train_loss")
-                }
-                seen.append((trainer.current_epoch, count["val_loss"], count["lr-AdamW/pg1"], count["train_loss"]))
+            if trainer.val_check_interval != 1.0 and not trainer.sanity_checking:
+                self._read(trainer)
 
         def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, i: int) -> None:
             if i == 0:  # a kernel killed from here on has the last epoch's training metrics in the record
-                started.append((trainer.current_epoch, len(client.get_metric_history(run_id, "train_loss"))))
+                self.started.append((trainer.current_epoch, len(client.get_metric_history(self.run_id, "train_loss"))))
 
-    logger = in_notebook.mlflow_logger(params)
-    datamodule = build_data(params)
-    model = build_model(params, datamodule)
-    callbacks = in_notebook.callbacks(params, run_id, "val_loss", "min") + [ReadsTheStore()]
-    trainer = L.Trainer(
-        max_epochs=3,
-        logger=logger,
-        callbacks=callbacks,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        log_every_n_steps=1,
-    )
-    trainer.fit(model, datamodule=datamodule)
-    assert seen == [(0, 1, 1, 0), (1, 2, 2, 1), (2, 3, 3, 2)]
-    assert started == [(0, 0), (1, 1), (2, 2)]
-    assert len(client.get_metric_history(run_id, "train_loss")) == 3  # the last epoch's, at the end of fit
+    for val_check_interval in (1.0, 0.5):
+        run_id = tracking.start_run(client, "tiny", run_name=f"order {val_check_interval}")
+        params = {"model": "mlp_regressor", "data": "regression", "n_samples": 240, "batch_size": 32, "max_epochs": 3}
+        params |= {"tracking_uri": store, "run_id": run_id, "experiment_name": "tiny"}
+        params |= {"output_dir": str(tmp_path / str(val_check_interval))}
+        logger = in_notebook.mlflow_logger(params)
+        datamodule = build_data(params)
+        probe = ReadsTheStore(run_id)
+        trainer = L.Trainer(
+            max_epochs=3,
+            logger=logger,
+            callbacks=in_notebook.callbacks(params, run_id, "val_loss", "min") + [probe],
+            accelerator="cpu",
+            enable_progress_bar=False,
+            log_every_n_steps=1,
+            val_check_interval=val_check_interval,
+        )
+        trainer.fit(build_model(params, datamodule), datamodule=datamodule)
+        if val_check_interval == 1.0:  # (epoch saved, saved at this step, val_loss, lr, train_loss rows)
+            assert probe.saved == [(0, True, 1, 1, 0), (1, True, 2, 2, 1), (2, True, 3, 3, 2)]
+        else:  # two validations an epoch, each followed by a save
+            assert probe.saved == [(i // 2, True, i + 1, i // 2 + 1, i // 2) for i in range(6)]
+        assert probe.started == [(0, 0), (1, 1), (2, 2)]
+        assert len(client.get_metric_history(run_id, "train_loss")) == 3  # the last epoch's, at once
 
 
 @pytest.mark.fast
