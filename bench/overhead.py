@@ -444,10 +444,13 @@ class CallTimer:
     def installed(self):  # noqa: ANN201
         import mlflow.pytorch
         from mlflow import MlflowClient
+        from mlflow.utils.async_logging.run_operations import RunOperations
         from optuna.storages import RDBStorage
         from optuna.storages._cached_storage import _CachedStorage
 
-        for cls in (MlflowClient, RDBStorage, _CachedStorage, optuna.Study, optuna.Trial):
+        # RunOperations.wait: the time the trial waits for MLflow's asynchronous writer (before a
+        # checkpoint) is time in MLflow on its path too.
+        for cls in (MlflowClient, RDBStorage, _CachedStorage, optuna.Study, optuna.Trial, RunOperations):
             self.wrap_public(cls)
         self.wrap(mlflow.pytorch, "log_model")
         self.wrap(mlflow.pytorch, "save_model")

@@ -61,12 +61,13 @@ class _BatchingClient:
     learning rate at its start, validation, training), each a SQLite transaction of ~4 ms, or
     MLflow's asynchronous queue, whose writer thread then competes with training for the GIL.
     Both cost ~6% of a 0.4 s epoch (`bench/overhead.py` R1 decomposed). Held metrics are written
-    synchronously, in one `log_batch` (MLflow splits it into its 1,000-metric chunks), at the
-    points that keep the record true (`RunRecord`: before each checkpoint, and the epoch's
-    training metrics, which Lightning logs after its checkpoint, at once: `write_next`), at the
-    first log `FLUSH_SECONDS` after the last write, and at `finalize`. A write that fails raises
-    there and keeps the batch for the next try (MLflow's SQL store ignores rows it already has),
-    so a metric is never lost silently. Only calls made while `collecting` (the logger's own
+    in one `log_batch` (MLflow splits it into its 1,000-metric chunks): before each checkpoint
+    synchronously, after every queued batch is written (`flush`, called by `RunRecord`); the
+    epoch's training metrics, which Lightning logs after its checkpoint, are queued to MLflow's
+    asynchronous writer the moment they come (`write_next`, `queue`), as are per-step metrics at
+    the first log `FLUSH_SECONDS` after the last write; `finalize` flushes. A write that fails
+    raises at the next flush and keeps its metrics for the next try (MLflow's SQL store ignores
+    rows it already has), so a metric is never lost silently. Only calls made while `collecting` (the logger's own
     `log_metrics`) are held; everything else is the client's own. Written by hand: MLflow's
     client has no "batch until told" mode.
     """
@@ -75,9 +76,10 @@ class _BatchingClient:
         self._client = client
         self._run_id = run_id
         self._held: list[Any] = []
+        self._queued: list[tuple[Any, list[Any]]] = []  # (MLflow's RunOperations, its metrics)
         self._written_at = time.monotonic()
         self.collecting = False
-        self.write_next = False  # write the next held batch at once (set after a checkpoint)
+        self.write_next = False  # queue the next held batch at once (set after a checkpoint)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
@@ -86,14 +88,31 @@ class _BatchingClient:
         if self.collecting and run_id == self._run_id and not params and not tags:
             self._held.extend(metrics)
             if self.write_next or time.monotonic() - self._written_at >= FLUSH_SECONDS:
-                self.flush()
+                self.queue()
             return None
         return self._client.log_batch(run_id, metrics=metrics, params=params, tags=tags, **kwargs)
 
-    def flush(self) -> None:
-        """Write every held metric now, in one batch; raises the store's error, if any, and then
-        still holds the batch (an interrupt in the middle too), for `finalize` to try again."""
+    def queue(self) -> None:
+        """Hand every held metric to MLflow's asynchronous writer, in one batch; `flush` waits for it."""
         self.write_next = False
+        held, self._held = self._held, []
+        self._written_at = time.monotonic()
+        if held:
+            self._queued.append((self._client.log_batch(self._run_id, metrics=held, synchronous=False), held))
+
+    def flush(self) -> None:
+        """Write every held metric and wait for every queued batch; raises the store's error, if
+        any, and then still holds what was not written (an interrupt in the middle too), for
+        `finalize` to try again."""
+        self.write_next = False
+        queued, self._queued = self._queued, []
+        for i, (operations, _) in enumerate(queued):
+            try:
+                operations.wait()
+            except BaseException:
+                for _, later in reversed(queued[i:]):
+                    self._held[:0] = later
+                raise
         held, self._held = self._held, []
         self._written_at = time.monotonic()
         if not held:
