@@ -38,7 +38,7 @@ test-fast: setup $(NLP_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 -m fast $(PYTEST_ARGS)
 
-# The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~20 min),
+# The overhead ratios R1-R7 (bench/overhead.py): writes bench/results.json and bench/results.md (~35 min),
 # then where one trial's seconds go (bench/profile_trial.py): bench/profile.json and bench/profile.md (~3 min).
 # How costs grow with trials and runs (SQLite and PostgreSQL) is its own target: `make bench-growth`.
 bench: setup

@@ -245,12 +245,15 @@ def test_a_requeued_training_continues_its_epochs_in_the_same_run(slurm: None, s
     requeued job resumes from that checkpoint into the same run."""
     spec = str(PROJECT_ROOT / "pipelines" / "regression_mlp.yaml")
     epochs = 12
+    # 4,000 samples: ~0.3 s epochs, so the signal lands mid-fit (at the default 1,000 the fused
+    # optimizer step made the 12 epochs of 2 ranks last under a second: the fit ended first).
     process = driver("run", spec, "--set", f"max_epochs={epochs}", "--set", "enable_progress_bar=false",
+                     "--set", "n_samples=4000",
                      "--launcher", "slurm", "--devices", "2", "--time", "10")  # fmt: skip
     deadline, client, job = time.monotonic() + 300, None, None
     while job is None:
         assert process.poll() is None and time.monotonic() < deadline, Path("driver.log").read_text()[-3000:]
-        time.sleep(1)
+        time.sleep(0.25)
         if "submitted SLURM job" not in Path("driver.log").read_text():
             continue  # the store exists (and is migrated) once the job is submitted
         client = client or MlflowClient(store)
