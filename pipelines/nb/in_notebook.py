@@ -67,9 +67,9 @@ class _BatchingClient:
     asynchronous writer the moment they come (`write_next`, `queue`), as are per-step metrics at
     the first log `FLUSH_SECONDS` after the last write; `finalize` flushes. A write that fails
     raises at the next flush and keeps its metrics for the next try (MLflow's SQL store ignores
-    rows it already has), so a metric is never lost silently. Only calls made while `collecting` (the logger's own
-    `log_metrics`) are held; everything else is the client's own. Written by hand: MLflow's
-    client has no "batch until told" mode.
+    rows it already has), so a metric is never lost silently. Only calls made while `collecting`
+    (the logger's own `log_metrics`) are held; everything else is the client's own. Written by
+    hand: MLflow's client has no "batch until told" mode.
     """
 
     def __init__(self, client: Any, run_id: str) -> None:
@@ -157,6 +157,10 @@ class OneWriterLogger(MLFlowLogger):
     def flush(self) -> None:
         """Write every metric logged so far to the store (raises the store's error, if any)."""
         self._mlflow_client.flush()
+
+    def queue_next_batch(self, at_once: bool) -> None:
+        """Whether the next metrics logged go to MLflow's writer at once (`RunRecord`: after a checkpoint)."""
+        self._mlflow_client.write_next = at_once
 
     def finalize(self, status: str = "success") -> None:
         self.flush()
@@ -277,7 +281,7 @@ def pruning_callback(params: dict[str, Any]) -> Any:
 
     storage = study.pruning_storage(params["optuna_storage"])
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
-    in_epochs = loaded.user_attrs.get(Attr.PRUNING_STEP) == study.EPOCHS_TRAINED
+    in_epochs = study.counts_epochs_trained(loaded)
     max_epochs = int(params["max_epochs"]) if in_epochs and params.get("max_epochs") else None
     loaded.pruner = study.pruner(PrunerSpec(**loaded.user_attrs.get(Attr.PRUNER, {})), max_resource=max_epochs)
     trial_id = storage.get_trial_id_from_study_id_trial_number(loaded._study_id, int(params["trial_number"]))
@@ -371,16 +375,16 @@ class RunRecord(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._flush(trainer)
-        for logger in trainer.loggers:
-            client = getattr(logger, "_mlflow_client", None)
-            if isinstance(client, _BatchingClient):
-                client.write_next = True
+        self._queue_next_batch(trainer, True)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        for logger in trainer.loggers:  # nothing came after the last epoch's end: hold again
-            client = getattr(logger, "_mlflow_client", None)
-            if isinstance(client, _BatchingClient):
-                client.write_next = False
+        self._queue_next_batch(trainer, False)  # nothing came after the last epoch's end: hold again
+
+    @staticmethod
+    def _queue_next_batch(trainer: Any, at_once: bool) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, OneWriterLogger):
+                logger.queue_next_batch(at_once)
 
     @staticmethod
     def _flush(trainer: Any) -> None:

@@ -365,9 +365,14 @@ class EpochsTrainedTrial:
         self._trial.report(value, step + 1)
 
 
+def counts_epochs_trained(study: optuna.Study) -> bool:
+    """Whether `study`'s steps count epochs trained (`mark_steps`), not Lightning's 0-based epoch."""
+    return study.user_attrs.get(Attr.PRUNING_STEP) == EPOCHS_TRAINED
+
+
 def pruning_trial(study: optuna.Study, trial: optuna.Trial) -> Any:
     """`trial` as the pruning callback should report to it: in epochs trained where `study` counts so."""
-    return EpochsTrainedTrial(trial) if study.user_attrs.get(Attr.PRUNING_STEP) == EPOCHS_TRAINED else trial
+    return EpochsTrainedTrial(trial) if counts_epochs_trained(study) else trial
 
 
 def mark_steps(study: optuna.Study) -> None:
