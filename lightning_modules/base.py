@@ -114,30 +114,74 @@ class TrainableModule(L.LightningModule):
         self.dropout = dropout
 
     # -- regularization -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Record every parameter's shape before a strategy shards it (the Trainer calls `setup`
+        before `strategy.setup` wraps the module and calls `configure_optimizers`).
+
+        Under FSDP with `use_orig_params=True` (Lightning's default) the parameter objects stay,
+        but each becomes a 1-D view of this rank's shard (torch FSDP docs, "use_orig_params"):
+        judged by its shape there, every weight matrix looked like a bias: weight decay became 0
+        silently, and `l1 > 0` found no weights to sum and failed. Reproduced with torch FSDP on
+        2 gloo ranks (`tests/test_optimization.py`).
+        """
+        super().setup(stage)
+        self.__dict__["_shapes"] = {id(p): (p, tuple(p.shape)) for p in self.parameters()}
+
+    def _shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """`param`'s shape as built (before any sharding); its current shape if `setup` never ran."""
+        known = self.__dict__.get("_shapes", {}).get(id(param))
+        return known[1] if known is not None and known[0] is param else tuple(param.shape)
+
+    def is_matrix(self, param: torch.Tensor) -> bool:
+        """Whether `param` gets weight decay and L1: a matrix or conv kernel (rank >= 2) as built."""
+        return len(self._shape(param)) >= 2
+
     def decay_groups(self) -> list[dict[str, Any]]:
-        """Weight decay on matrices and conv kernels only, never on biases or norms (as nanoGPT)."""
+        """Weight decay on matrices and conv kernels only, never on biases or norms (as nanoGPT).
+
+        Two groups: `[{"params": matrices, "weight_decay": wd}, {"params": the rest, "weight_decay": 0}]`;
+        a parameter's kind is its shape as built (`is_matrix`), so FSDP's 1-D shards keep theirs.
+        """
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
+                (decay if self.is_matrix(param) else no_decay).append(param)
         wd = self.optim_settings["weight_decay"]
         return [
             {"params": decay, "weight_decay": wd},
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
+    def l1_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sum of |w| over the weights that get weight decay (matrices and kernels), in two 0-d
+        tensors: over the weights this rank holds whole, and over those it holds a shard of
+        (None when there are none; under FSDP, a module outside its forward holds 1-D shards).
+        Each shard's term reaches its own gradient once, so the gradient is right as it is; only
+        the shards' value is partial (`regularized` sums it over the ranks to log it)."""
+        whole, shards = [], []
+        for p in self.parameters():
+            if p.requires_grad and self.is_matrix(p):
+                (whole if tuple(p.shape) == self._shape(p) else shards).append(p.abs().sum())
+        zero = torch.zeros((), device=self.device)
+        return (torch.stack(whole).sum() if whole else zero), (torch.stack(shards).sum() if shards else None)
+
     def l1_penalty(self) -> torch.Tensor:
-        """Sum of |w| over the same weights that get weight decay (matrices and kernels)."""
-        weights = [p.abs().sum() for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        return torch.stack(weights).sum()
+        """Sum of |w| over the matrices and kernels this rank holds (a 0-d tensor; see `l1_parts`)."""
+        whole, shards = self.l1_parts()
+        return whole if shards is None else whole + shards
 
     def regularized(self, loss: torch.Tensor) -> torch.Tensor:
-        """Add the L1 penalty (if any) to a training loss and log it on its own."""
+        """Add the L1 penalty (if any) to a training loss and log it on its own (`train_l1`: the
+        whole model's, its shards' part summed over the ranks under FSDP)."""
         l1 = self.optim_settings["l1"]
         if l1 <= 0:
             return loss
-        penalty = l1 * self.l1_penalty()
-        self.log("train_l1", penalty, on_step=False, on_epoch=True)
+        whole, shards = self.l1_parts()
+        penalty = l1 * (whole if shards is None else whole + shards)
+        shown = penalty.detach()
+        if shards is not None and self._trainer is not None:  # every rank holds shards: all call reduce
+            shown = l1 * (whole.detach() + self.trainer.strategy.reduce(shards.detach().clone(), reduce_op="sum"))
+        self.log("train_l1", shown, on_step=False, on_epoch=True)
         return loss + penalty
 
     # -- optimizer and schedule -------------------------------------------------------------

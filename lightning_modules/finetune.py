@@ -101,7 +101,7 @@ class FineTune(ClassifierModule):
         groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
-                groups.setdefault((self._depth(name), param.dim() >= 2), []).append(param)
+                groups.setdefault((self._depth(name), self.is_matrix(param)), []).append(param)
         return [
             {
                 "params": params,

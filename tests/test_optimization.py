@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import lightning.pytorch as L
 import pytest
 import torch
@@ -134,6 +137,98 @@ def test_l1_drives_weights_toward_zero() -> None:
     plain, _, _ = fit(epochs=3, l1=0.0, lr=0.01)
     sparse, _, _ = fit(epochs=3, l1=1e-3, lr=0.01)
     assert sparse.l1_penalty() < 0.8 * plain.l1_penalty()
+
+
+FSDP_PARAMS = {"model": "mlp_regressor", "data": "regression", "batch_size": 8, "weight_decay": 0.1, "l1": 0.01}
+
+
+def _fsdp_rank(rank: int, port: int, found: Any) -> None:
+    """One of 2 gloo ranks: the module wrapped as Lightning's FSDPStrategy wraps it (after the
+    Trainer's `setup` call, `use_orig_params=True`), then what labbook's optimization sees."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        module = build_model(FSDP_PARAMS, build_data(FSDP_PARAMS))
+        module.setup("fit")
+        wrapped = FullyShardedDataParallel(module, use_orig_params=True, device_id=torch.device("cpu"))
+        decay, no_decay = module.decay_groups()
+        whole, shards = module.l1_parts()
+        torch.manual_seed(1)
+        x, y = torch.randn(4, 10), torch.randn(4, 1)
+        (torch.nn.functional.mse_loss(wrapped(x), y) + 0.01 * module.l1_penalty()).backward()
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            grads = {name: p.grad.tolist() for name, p in module.named_parameters()}
+        found.put(
+            {
+                "rank": rank,
+                "shapes": [tuple(p.shape) for p in module.parameters()],
+                "decayed": sum(p.numel() for p in decay["params"]),
+                "not_decayed": sum(p.numel() for p in no_decay["params"]),
+                "l1": float(whole.detach()) + (float(shards.detach()) if shards is not None else 0.0),
+                "grads": grads,
+            }
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_fsdp_weight_decay_and_l1_see_the_matrices_as_built() -> None:
+    """FSDP (use_orig_params) turns every parameter into a 1-D view of a rank's shard before
+    `configure_optimizers`: judged by shape there, no weight got weight decay. Two real gloo
+    ranks (torch FSDP runs on CPU; Lightning's strategy refuses it, so the wrap is done by hand)."""
+    import multiprocessing
+
+    torch.manual_seed(0)
+    reference = build_model(FSDP_PARAMS, build_data(FSDP_PARAMS))
+    matrices = sum(p.numel() for p in reference.parameters() if p.dim() >= 2)
+    others = sum(p.numel() for p in reference.parameters() if p.dim() < 2)
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 10), torch.randn(4, 1)
+    (torch.nn.functional.mse_loss(reference(x), y) + 0.01 * reference.l1_penalty()).backward()
+    context = multiprocessing.get_context("spawn")  # this process has run torch: fork could hang its threads
+    found = context.Queue()
+    port = _free_port()
+    ranks = [context.Process(target=_fsdp_rank, args=(rank, port, found)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    results = _results(found, ranks)
+    assert all(len(shape) == 1 for r in results for shape in r["shapes"])  # the case: every parameter is 1-D
+    assert sum(r["decayed"] for r in results) == matrices
+    assert sum(r["not_decayed"] for r in results) == others
+    assert sum(r["l1"] for r in results) == pytest.approx(float(reference.l1_penalty()), rel=1e-5)
+    for r in results:  # the L1 term on shards reaches each gradient once: as on one process
+        for name, param in reference.named_parameters():
+            assert torch.tensor(r["grads"][name]) == pytest.approx(param.grad, abs=1e-6), name
+
+
+def _results(found: Any, processes: list[Any], timeout: float = 120.0) -> list[dict[str, Any]]:
+    """One result per process, failing at once when one of them dies without giving its own."""
+    import queue
+    import time
+
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(results) < len(processes):
+        try:
+            results.append(found.get(timeout=0.5))
+        except queue.Empty:
+            dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            assert not dead and time.monotonic() < deadline, f"a rank failed (exit codes {dead}) or timed out"
+    for process in processes:
+        process.join(timeout=30)
+    return results
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_cosine_with_warmup_rises_then_decays() -> None:

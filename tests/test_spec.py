@@ -77,7 +77,7 @@ def test_parameters_are_one_flat_dict_with_one_name_per_setting() -> None:
         (changed("model", name="mlp_regressor"), "model 'mlp_regressor' is for regression but data 'digits'"),
         ({**BASE, "model": {"name": "gpt"}}, "model 'gpt' is for language_modeling but data 'digits' is"),
         (changed("trainer", strategy="dpp"), "trainer.strategy: unknown strategy 'dpp'; allowed: auto, ddp, ddp_spawn"),
-        (changed("trainer", strategy="fsdp"), "trainer: strategy fsdp needs a GPU (torch FSDP does not run on CPU)"),
+        (changed("trainer", strategy="fsdp"), "trainer: strategy fsdp needs a GPU (Lightning's FSDP strategy refuses"),
         (changed("trainer", early_stopping_patience=0), "trainer.early_stopping_patience: Input should be greater"),
         ({**BASE, "notebook": "notebooks/missing.ipynb"}, "notebook: no such notebook 'notebooks/missing.ipynb'"),
         ("name: x\nmodel: [1,\n", "line 3: malformed YAML"),

@@ -151,8 +151,10 @@ class TrainerSpec(_Strict):
     @model_validator(mode="after")
     def _fsdp_needs_a_gpu(self) -> TrainerSpec:
         if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
-            # torch's FSDP refuses CPU-only processes; DDP (gloo) is the multi-process choice there.
-            raise ValueError("strategy fsdp needs a GPU (torch FSDP does not run on CPU); use ddp on CPU")
+            # Lightning's FSDPStrategy refuses CPUAccelerator (torch's FSDP itself runs on gloo): DDP there.
+            raise ValueError(
+                "strategy fsdp needs a GPU (Lightning's FSDP strategy refuses accelerator cpu); use ddp on CPU"
+            )
         return self
 
 
