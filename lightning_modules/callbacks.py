@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
@@ -12,16 +13,59 @@ class StopOnNonFiniteLoss(Callback):
     """Stop at the first NaN/inf training loss, naming the epoch and step, instead of training on.
 
     Lightning has no built-in for this (`EarlyStopping(check_finite=True)` looks at a validation
-    metric once per epoch; `detect_anomaly` is slow): one `isfinite` per step is.
+    metric once per epoch; `detect_anomaly` is slow): one `isfinite` per step is. On the CPU the
+    loss is read at every step (reading it waits for nothing). On an accelerator reading it would
+    make the host wait for the device at every step (PyTorch's performance tuning guide: "avoid
+    unnecessary CPU-GPU synchronization"), so the step's loss is kept (a reference, no copy) and
+    the kept losses are read together every `every_n_steps` steps and at the epoch's end: the
+    error still names the first non-finite step, found up to `every_n_steps - 1` steps later
+    (whose updates were already NaN). `defer` forces either way (None: by the loss's device).
     """
+
+    def __init__(self, every_n_steps: int = 32, defer: bool | None = None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.defer = defer
+        self._kept: list[tuple[int, int, Any]] = []  # (epoch, step, the loss tensor)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._kept = []  # an earlier fit that ended in an exception may have left some
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None and not math.isfinite(float(loss)):
-            raise FloatingPointError(
-                f"non-finite loss ({float(loss)}) at epoch {trainer.current_epoch}, step {trainer.global_step}: "
-                "lower the learning rate or clip gradients"
-            )
+        if loss is None:
+            return
+        defer = self.defer
+        if defer is None:
+            defer = isinstance(loss, torch.Tensor) and loss.device.type != "cpu"
+        if not defer:
+            self._raise_if_non_finite([(trainer.current_epoch, trainer.global_step, float(loss))])
+            return
+        self._kept.append((trainer.current_epoch, trainer.global_step, loss.detach()))
+        if len(self._kept) >= self.every_n_steps:
+            self._check_kept()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_kept()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._check_kept()  # a fit stopped mid-epoch (a pruned trial, max_steps) skips the epoch's end
+
+    def _check_kept(self) -> None:
+        kept, self._kept = self._kept, []
+        if kept:  # one device-to-host copy for all of them
+            values = torch.stack([loss.float().reshape(()) for _, _, loss in kept]).tolist()
+            self._raise_if_non_finite([(epoch, step, v) for (epoch, step, _), v in zip(kept, values, strict=True)])
+
+    @staticmethod
+    def _raise_if_non_finite(losses: list[tuple[int, int, float]]) -> None:
+        for epoch, step, value in losses:
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"non-finite loss ({value}) at epoch {epoch}, step {step}: "
+                    "lower the learning rate or clip gradients"
+                )
 
 
 class EpochCheckpoint(ModelCheckpoint):

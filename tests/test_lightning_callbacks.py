@@ -35,13 +35,13 @@ class _Regression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(module: L.LightningModule, epochs: int = 2) -> L.Trainer:
+def _fit(module: L.LightningModule, epochs: int = 2, check: StopOnNonFiniteLoss | None = None) -> L.Trainer:
     torch.manual_seed(0)
     x = torch.randn(32, 2)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
     trainer = L.Trainer(
         max_epochs=epochs,
-        callbacks=[StopOnNonFiniteLoss()],
+        callbacks=[check or StopOnNonFiniteLoss()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -56,6 +56,32 @@ def test_a_nan_loss_stops_training_at_that_step_naming_epoch_and_step() -> None:
     module = _Regression(nan_at=5)  # 4 batches an epoch: step 5 is epoch 1's second batch
     with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at epoch 1, step 6: lower the learning"):
         _fit(module)
+
+
+@pytest.mark.parametrize(("nan_at", "every"), [(5, 3), (5, 100), (1, 2), (7, 2)])
+def test_read_later_as_on_a_gpu_the_first_nan_is_still_named_by_its_epoch_and_step(nan_at: int, every: int) -> None:
+    """On an accelerator the losses are read every `every_n_steps` steps and at the epoch's end
+    (no host wait per step); forced here on the CPU: the first non-finite step is named all the same."""
+    module = _Regression(nan_at=nan_at)
+    epoch, step = divmod(nan_at, 4)  # 4 batches an epoch; the message counts optimizer steps taken
+    with pytest.raises(FloatingPointError, match=rf"non-finite loss \(nan\) at epoch {epoch}, step {nan_at + 1}:"):
+        _fit(module, epochs=3, check=StopOnNonFiniteLoss(every_n_steps=every, defer=True))
+
+
+def test_read_later_finite_losses_train_to_the_end() -> None:
+    trainer = _fit(_Regression(), epochs=2, check=StopOnNonFiniteLoss(every_n_steps=3, defer=True))
+    assert trainer.global_step == 8
+
+
+def test_a_nan_in_the_last_steps_of_a_fit_cut_short_is_still_caught() -> None:
+    """max_steps ends the fit mid-epoch, before any epoch end: the kept losses are read at the train end."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 2)
+    trainer = L.Trainer(max_steps=3, callbacks=[StopOnNonFiniteLoss(every_n_steps=100, defer=True)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"at epoch 0, step 3:"):
+        trainer.fit(_Regression(nan_at=2), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
 
 
 def test_finite_losses_train_to_the_end() -> None:
