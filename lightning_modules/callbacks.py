@@ -17,9 +17,10 @@ class StopOnNonFiniteLoss(Callback):
     loss is read at every step (reading it waits for nothing). On an accelerator reading it would
     make the host wait for the device at every step (PyTorch's performance tuning guide: "avoid
     unnecessary CPU-GPU synchronization"), so the step's loss is kept (a reference, no copy) and
-    the kept losses are read together every `every_n_steps` steps and at the epoch's end: the
-    error still names the first non-finite step, found up to `every_n_steps - 1` steps later
-    (whose updates were already NaN). `defer` forces either way (None: by the loss's device).
+    the kept losses are read together every `every_n_steps` steps, at the epoch's and the fit's
+    end and before any checkpoint is written (so none holds weights trained past an unread
+    non-finite loss): the error still names the first non-finite step, found up to
+    `every_n_steps - 1` steps later. `defer` forces either way (None: by the loss's device).
     """
 
     def __init__(self, every_n_steps: int = 32, defer: bool | None = None) -> None:
@@ -51,6 +52,9 @@ class StopOnNonFiniteLoss(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._check_kept()  # a fit stopped mid-epoch (a pruned trial, max_steps) skips the epoch's end
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._check_kept()  # no checkpoint holds weights trained past an unread non-finite loss
 
     def _check_kept(self) -> None:
         kept, self._kept = self._kept, []

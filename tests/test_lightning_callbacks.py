@@ -84,6 +84,22 @@ def test_a_nan_in_the_last_steps_of_a_fit_cut_short_is_still_caught() -> None:
         trainer.fit(_Regression(nan_at=2), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
 
 
+def test_read_later_no_checkpoint_is_written_past_an_unread_nan(tmp_path: Path) -> None:
+    """A checkpoint every step, losses read every 100: the save after the first NaN step reads them and fails."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 2)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    check = StopOnNonFiniteLoss(every_n_steps=100, defer=True)
+    trainer = L.Trainer(max_epochs=3, callbacks=[check, saving], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"at epoch 1, step 6:"):
+        trainer.fit(_Regression(nan_at=5), DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8))
+    steps = sorted(int(p.stem.split("step=")[1]) for p in tmp_path.glob("*.ckpt"))
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_finite_losses_train_to_the_end() -> None:
     trainer = _fit(_Regression(), epochs=2)
     assert trainer.global_step == 8 and trainer.current_epoch == 2
