@@ -130,7 +130,7 @@ def reap(
     """
     from pipelines.execution.reap import reap as reap_runs
     from pipelines.tracking.driver import heartbeat_seconds
-    from pipelines.tracking.tracking import store_problem, tracking_uri
+    from pipelines.tracking.tracking import redact, store_problem, tracking_uri
 
     try:
         heartbeat_seconds()
@@ -138,7 +138,7 @@ def reap(
     except ValueError as exc:
         raise fail(str(exc)) from None
     except Exception as exc:
-        raise fail(store_problem(exc) or f"{tracking_uri()}: {type(exc).__name__}", code=1) from None
+        raise fail(store_problem(exc) or f"{redact(tracking_uri())}: {type(exc).__name__}", code=1) from None
     if not found:
         out.print("no run with a dead driver")
         return

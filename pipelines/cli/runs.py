@@ -87,7 +87,7 @@ def run(
     mem: MemOpt = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
-    from pipelines.tracking.tracking import check_server, tracking_uri
+    from pipelines.tracking.tracking import check_server, redact, tracking_uri
 
     if is_pipeline(spec):
         if set_:
@@ -109,7 +109,7 @@ def run(
     if slurm is not None:
         _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name)
         return
-    out.print(f"running {spec} → {tracking_uri()}")
+    out.print(f"running {spec} → {redact(tracking_uri())}")
     with reported(tracking=True, interrupts=True, store=True):
         check_server()
         close_dead_runs()
@@ -127,9 +127,9 @@ def run(
 
 def _run_on_slurm(loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None) -> None:
     from pipelines.launchers.slurm import LaunchFailed, submit_training
-    from pipelines.tracking.tracking import check_server, tracking_uri
+    from pipelines.tracking.tracking import check_server, redact, tracking_uri
 
-    out.print(f"running {spec} on SLURM → {tracking_uri()}")
+    out.print(f"running {spec} on SLURM → {redact(tracking_uri())}")
     with reported(tracking=True, failures=(LaunchFailed,), interrupts=True):
         check_server()
         job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out)
@@ -141,7 +141,7 @@ def _run_on_slurm(loaded, spec: Path, options, nodes: int, devices: int, run_nam
 
 def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, trigger: str, schedule_id: str | None):
     from pipelines.pipeline.pipeline import run_pipeline
-    from pipelines.tracking.tracking import tracking_uri
+    from pipelines.tracking.tracking import redact, tracking_uri
 
     if trigger not in ("manual", "scheduled"):
         raise fail(f"--trigger: got {trigger!r}; expected manual or scheduled")
@@ -151,7 +151,7 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
             pipeline.step(from_step)
     before_writing()
     stop_on_sigterm()
-    out.print(f"running pipeline {spec} → {tracking_uri()}")
+    out.print(f"running pipeline {spec} → {redact(tracking_uri())}")
     with reported(SpecError, interrupts=True):
         close_dead_runs()
         result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)

@@ -179,7 +179,12 @@ def execute(
     With `kernels`, the notebook runs in a fresh kernel the pool started (and warmed) earlier;
     that kernel is shut down after this one notebook, whatever happened in it. `render=False`
     leaves the HTML page to the caller (`render_html`), who renders it off the critical path.
+    A URL parameter's password is written as `***` (the executed notebook is kept and attached
+    to its run); the kernel gets the URL from its environment (`tracking.notebook_parameter`).
     """
+    from pipelines.tracking import tracking
+
+    parameters = {name: tracking.notebook_parameter(value) for name, value in parameters.items()}
     if kernels is None and _kernel_server_on():
         # One notebook: its kernel is forked by the kernel server, with every core of its share
         # (nothing warms beside it), and shut down after it like any pool's kernel.

@@ -199,7 +199,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     """
     if not is_rank_zero():
         return _OtherRankLogger()
-    uri = params.get("tracking_uri") or tracking.tracking_uri()
+    uri = tracking.reveal(params.get("tracking_uri") or "") or tracking.tracking_uri()
     client = tracking.client(uri)
     tags = {Tag.PYTHON_EXECUTABLE: sys.executable}
     run_id = params.get("run_id")
@@ -279,7 +279,7 @@ def pruning_callback(params: dict[str, Any]) -> Any:
     from pipelines.specs.tune_spec import PrunerSpec
     from pipelines.study import study
 
-    storage = study.pruning_storage(params["optuna_storage"])
+    storage = study.pruning_storage(tracking.reveal(params["optuna_storage"], "optuna_storage"))
     loaded = optuna.load_study(study_name=params["study_name"], storage=storage)
     in_epochs = study.counts_epochs_trained(loaded)
     max_epochs = int(params["max_epochs"]) if in_epochs and params.get("max_epochs") else None
@@ -454,7 +454,8 @@ def monitored(params: dict[str, Any], default: tuple[str, str]) -> tuple[str, st
 def output_dir(params: dict[str, Any], run_id: str) -> Path:
     """Where this run's checkpoints go: the folder `labbook run` gave, or one beside the store."""
     path = Path(
-        params.get("output_dir") or tracking.output_dir(params.get("tracking_uri") or tracking.tracking_uri(), run_id)
+        params.get("output_dir")
+        or tracking.output_dir(tracking.reveal(params.get("tracking_uri") or "") or tracking.tracking_uri(), run_id)
     )
     path.mkdir(parents=True, exist_ok=True)
     return path

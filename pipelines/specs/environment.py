@@ -22,8 +22,11 @@ FORK_KERNELS_ENV = "LABBOOK_FORK_KERNELS"  # pipelines.kernels.env.ENV_FORK
 KERNEL_SERVER_ENV = "LABBOOK_KERNEL_SERVER"  # pipelines.kernels.env.ENV_SERVER
 RUN_HEARTBEAT_ENV = "LABBOOK_RUN_HEARTBEAT_SECONDS"  # pipelines.tracking.driver.HEARTBEAT_ENV
 RUN_HEARTBEAT_SECONDS = 30
+# The URLs whose passwords were redacted from a notebook's parameters (a JSON list), for the
+# kernels labbook starts (`pipelines.tracking.tracking.notebook_parameter`, `reveal`).
+SECRET_URLS_ENV = "LABBOOK_SECRET_URLS"
 # Set by labbook itself for the processes it starts, never by a user: not checked.
-INTERNAL = frozenset({"LABBOOK_COMMAND_PID"})
+INTERNAL = frozenset({"LABBOOK_COMMAND_PID", SECRET_URLS_ENV})
 
 
 def telemetry_off() -> None:

@@ -46,6 +46,7 @@ def storage_url(explicit: str | None = None) -> str:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         with contextlib.suppress(OSError):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    tracking.share_with_kernels(url)  # trials' notebooks get it redacted (`tracking.notebook_parameter`)
     return url
 
 

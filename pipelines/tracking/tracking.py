@@ -82,9 +82,76 @@ def folder_name(name: str, limit: int = 100) -> str:
     return f"{safe[: limit - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
+REDACTED = "***"
+# A password in a URL: `scheme://user:PASSWORD@host`, or a query argument libpq, SQLAlchemy or
+# an HTTP store takes (`?password=`, `&sslpassword=`, `?token=`).
+_SECRET_QUERY = re.compile(r"([?&](?:[a-z_]*password|passwd|pwd|token|secret|[a-z_]*key)=)[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """A storage or tracking URL fit to print or tag: its password replaced by `***`."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    """A storage or tracking URL fit to print, tag or write into a notebook: its password
+    (`user:PASSWORD@`, `?password=...`, `?token=...`) replaced by `***`."""
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", re.sub(r"://([^:/@]+):[^@]*@", rf"://\1:{REDACTED}@", url))
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*\Z")
+
+
+def _secret_urls() -> list[str]:
+    try:
+        found = json.loads(os.environ.get(environment.SECRET_URLS_ENV) or "[]")
+    except ValueError:
+        return []
+    return [url for url in found if isinstance(url, str)] if isinstance(found, list) else []
+
+
+def notebook_parameter(value: Any) -> Any:
+    """`value` as it may be written into a notebook's parameters: a URL's password replaced by `***`.
+
+    An executed notebook is kept beside the store and attached to its run (ipynb and HTML, and
+    papermill copies the parameters into its metadata), where anyone who can read the store or
+    open the MLflow UI reads it: a database password in `tracking_uri` or `optuna_storage` must
+    not be there. The real URL goes to the kernels this process starts through their
+    environment (`LABBOOK_SECRET_URLS`, a JSON list; kernels inherit this process's environment
+    as `MLFLOW_TRACKING_URI` already is), and `reveal` gives it back in the kernel.
+    """
+    if not isinstance(value, str) or not _URL.match(value):
+        return value  # only a URL's password: any other text reaches the notebook as it is
+    share_with_kernels(value)
+    return redact(value)
+
+
+def share_with_kernels(url: str) -> None:
+    """Put `url` in `LABBOOK_SECRET_URLS` when it holds a password, so that every kernel this
+    process starts from now on can `reveal` it (call it as soon as a URL is known: a pool warms
+    kernels before their notebook's parameters exist)."""
+    if redact(url) != url:
+        known = _secret_urls()
+        if url not in known:
+            os.environ[environment.SECRET_URLS_ENV] = json.dumps([*known, url])
+
+
+def reveal(value: str, field: str = "tracking_uri") -> str:
+    """The URL a redacted notebook parameter stands for (`notebook_parameter`); any other value as is.
+
+    Looks in `LABBOOK_SECRET_URLS`, `MLFLOW_TRACKING_URI` and `LABBOOK_OPTUNA_STORAGE` for the one
+    URL that redacts to `value`. Raises ValueError (one line, naming `field`) when none does: the
+    notebook was run by hand with a redacted URL, or by a process that did not pass the password.
+    """
+    if not value or REDACTED not in value or not _URL.match(value) or redact(value) != value:
+        return value
+    candidates = [
+        *_secret_urls(),
+        os.environ.get("MLFLOW_TRACKING_URI", "").strip(),
+        os.environ.get(environment.OPTUNA_STORAGE_ENV, "").strip(),
+    ]
+    for url in candidates:
+        if url and url != value and redact(url) == value:
+            return url
+    raise ValueError(
+        f"{field}: {value[:200]} has its password redacted and this process was not given it "
+        f"(labbook passes it to the kernels it starts in {environment.SECRET_URLS_ENV}; by hand, pass the full URL)"
+    )
 
 
 def literal(value: str) -> str:
@@ -139,7 +206,7 @@ def client(uri: str | None = None) -> MlflowClient:
     A kernel server makes commands start fast enough to meet there (a scheduled run and the
     process watching it); so could any two workers started together.
     """
-    uri = uri or tracking_uri()
+    uri = reveal(uri or "") or tracking_uri()
     match = re.match(r"sqlite:///(.+)$", uri)
     if uri.startswith("postgresql") and uri not in _OPENED:
         # The same race on a new PostgreSQL store (alembic in each process): a database-wide lock

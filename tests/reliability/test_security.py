@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from pipelines.kernels.env import trusted_connection, untrusted_socket
 from pipelines.specs.spec import PROJECT_ROOT
 from tests.conftest import LABBOOK, labbook
+from tests.test_scale_out import database  # noqa: F401, F811 - a fixture: fresh PostgreSQL databases
 
 SPECS = PROJECT_ROOT / "pipelines"
 SECRET = "s3cret-password-of-the-caller"
@@ -460,3 +461,59 @@ def test_4_labbook_server_auth_makes_its_users_database_and_settings_private(
     for path in (users, tmp_path / "mlruns" / "basic_auth.ini"):
         assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
     assert f"database_uri = sqlite:///{users}" in (tmp_path / "mlruns" / "basic_auth.ini").read_text()
+
+
+# -- passwords in store URLs (found by a probe after issue 22) ------------------------------------
+
+
+def test_6_a_store_password_in_a_url_is_redacted_and_given_back_only_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipelines.specs.environment import SECRET_URLS_ENV
+    from pipelines.tracking import tracking
+
+    monkeypatch.delenv(SECRET_URLS_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for url, shown in [
+        ("postgresql://me:pa:ss@db:5432/x", "postgresql://me:***@db:5432/x"),
+        ("postgresql://db/x?sslmode=require&password=pw", "postgresql://db/x?sslmode=require&password=***"),
+        ("http://host:5000/?token=abc#x", "http://host:5000/?token=***#x"),
+    ]:
+        assert tracking.notebook_parameter(url) == shown
+        assert tracking.reveal(shown) == url  # from LABBOOK_SECRET_URLS, which kernels inherit
+    assert tracking.notebook_parameter("what?token=5 means") == "what?token=5 means"  # text, not a URL
+    assert tracking.notebook_parameter("sqlite:///mlruns/mlflow.db") == "sqlite:///mlruns/mlflow.db"
+    with pytest.raises(ValueError, match=r"^optuna_storage: postgresql://other:\*\*\*@db/x has its password redacted"):
+        tracking.reveal("postgresql://other:***@db/x", "optuna_storage")
+
+
+@pytest.mark.parametrize("warm", ["0", "1"])  # a kernel started cold for its trial, or warmed before it
+def test_6_database_passwords_reach_no_notebook_html_log_or_terminal_and_the_trial_still_runs(
+    tmp_path: Path,
+    database: Callable[[str], str],  # noqa: F811 - the fixture imported above
+    warm: str,
+) -> None:
+    """The tracking store's and the Optuna storage's passwords (PostgreSQL trusts 127.0.0.1, so any
+    password connects): the trial's kernel logs, prunes and finishes, and no file under the
+    working folder (outputs, artifacts, logs) nor the terminal holds either password."""
+    tracking_url = database("mlflow").replace("postgresql://postgres@", "postgresql://postgres:TRACKSECRET1@", 1)
+    storage_url = database("optuna").replace("postgresql://postgres@", "postgresql://postgres:OPTUNASECRET2@", 1)
+    env = {"MLFLOW_TRACKING_URI": tracking_url, "LABBOOK_WARM_KERNELS": warm}
+    done = labbook(
+        "tune", str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml"), "--n-trials", "1", "--storage", storage_url,
+        "--set", "max_epochs=2", "--set", "n_samples=256", "--no-report", "--no-register", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for secret in ("TRACKSECRET1", "OPTUNASECRET2"):
+        assert secret not in done.stdout + done.stderr
+        leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert leaked == [], (secret, leaked)
+    client = MlflowClient(tracking_url)
+    [trial] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`labbook.trial_number` = '0'"
+    )
+    assert trial.info.status == "FINISHED" and "val_loss" in trial.data.metrics  # the kernel had the password
+    executed = next(tmp_path.rglob("train.ipynb"))
+    parameters = nbformat.read(executed, as_version=4).metadata.papermill.parameters
+    assert parameters["tracking_uri"].startswith("postgresql://postgres:***@")
+    assert parameters["optuna_storage"].startswith("postgresql://postgres:***@")
