@@ -658,3 +658,26 @@ def test_a_timer_systemd_would_fire_otherwise_on_a_dst_night_is_not_exported(
     # The same expression where systemd agrees with cron is still exported.
     fine = schedule.Schedule("fine", "/p.yaml", "/", "", None, 60, cron=expression, timezone="Europe/Berlin")
     assert "OnCalendar=" in schedule_export.systemd([fine], now)
+
+
+def test_a_scheduled_training_spec_is_tagged_and_listed_as_its_schedules_last_run(store: str, tmp_path: Path) -> None:
+    """A plain training spec (no steps) on a schedule: its run carries the trigger and the schedule
+    id, as a pipeline's does, so `schedule list` shows it (it said "never" before)."""
+    spec = yaml.safe_load((tracking.PROJECT_ROOT / "pipelines" / "regression_mlp.yaml").read_text())
+    spec["trainer"]["max_epochs"], spec["data"]["n_samples"] = 1, 200
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert labbook("schedule", "add", str(path), "--every", "3600", "--id", "tiny", cwd=tmp_path).returncode == 0
+    assert schedule.fire(str(path), "tiny", str(tmp_path)) == 0
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    [run] = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`labbook.spec` = 'regression_mlp'"
+    )
+    assert run.data.tags["labbook.trigger"] == "scheduled" and run.data.tags["labbook.schedule_id"] == "tiny"
+    assert schedule.last_runs(["tiny"])["tiny"][2] == run.info.run_id
+    listed = labbook("schedule", "list", cwd=tmp_path, env={"COLUMNS": "250"}).stdout
+    assert run.info.run_id in listed and "never" not in listed
+    done = labbook("run", str(path), "--trigger", "sometimes", cwd=tmp_path)
+    assert done.returncode == 2 and "--trigger: got 'sometimes'; expected manual or scheduled" in done.stderr

@@ -87,8 +87,11 @@ def run(
     mem: MemOpt = None,
 ) -> None:
     """Train a spec's model as one executed notebook run, or run a pipeline spec's steps in order."""
+    from pipelines.tracking.tags import Tag
     from pipelines.tracking.tracking import check_server, redact, tracking_uri
 
+    if trigger not in ("manual", "scheduled"):
+        raise fail(f"--trigger: got {trigger!r}; expected manual or scheduled")
     if is_pipeline(spec):
         if set_:
             raise fail("--set: a pipeline's steps take their settings from its spec (steps.<name>.set)")
@@ -106,14 +109,16 @@ def run(
         raise fail("--nodes/--devices: only with --launcher slurm (locally: --set devices=N)")
     before_writing()
     stop_on_sigterm()
+    # As a pipeline's run is tagged: `schedule list` finds a schedule's last run by these.
+    tags = {Tag.TRIGGER: trigger, **({Tag.SCHEDULE_ID: schedule_id} if schedule_id else {})}
     if slurm is not None:
-        _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name)
+        _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name, tags)
         return
     out.print(f"running {spec} → {redact(tracking_uri())}")
     with reported(tracking=True, interrupts=True, store=True):
         check_server()
         close_dead_runs()
-        result = run_training(loaded, spec_path=spec, run_name=run_name)
+        result = run_training(loaded, spec_path=spec, run_name=run_name, extra_tags=tags)
     out.print(f"run id: {result.run_id}  status: {result.status}")
     out.print(f"executed notebook: {result.notebook}")
     if result.metrics:
@@ -125,14 +130,16 @@ def run(
         raise fail(f"notebook failed: {result.error}", code=1)
 
 
-def _run_on_slurm(loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None) -> None:
+def _run_on_slurm(
+    loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None, tags: dict[str, str]
+) -> None:
     from pipelines.launchers.slurm import LaunchFailed, submit_training
     from pipelines.tracking.tracking import check_server, redact, tracking_uri
 
     out.print(f"running {spec} on SLURM → {redact(tracking_uri())}")
     with reported(tracking=True, failures=(LaunchFailed,), interrupts=True):
         check_server()
-        job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out)
+        job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out, tags=tags)
     requeues = f", requeued {job.restarts}x" if job.restarts else ""
     out.print(f"run id: {job.run_id}  SLURM job {job.job_id}: {job.state}{requeues}")
     if job.state != "COMPLETED":
@@ -143,8 +150,6 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
     from pipelines.pipeline.pipeline import run_pipeline
     from pipelines.tracking.tracking import redact, tracking_uri
 
-    if trigger not in ("manual", "scheduled"):
-        raise fail(f"--trigger: got {trigger!r}; expected manual or scheduled")
     pipeline = load_pipeline_spec(spec)
     if from_step:
         with reported(SpecError):
