@@ -34,12 +34,16 @@ def notebook_script(
     from nbconvert import PythonExporter
 
     from pipelines.execution.notebook import ensure_kernel
+    from pipelines.tracking import tracking
 
     notebook = spec.notebook_path(spec_path.parent if spec_path else None)
     parameters = {**spec.parameters(), "experiment_name": spec.experiment_name, "run_name": spec.name}
     if output_dir:
         parameters["output_dir"] = output_dir
     parameters |= extra or {}
+    # The script is attached to a SLURM run: a URL's password is written `***`, and the job gets it
+    # from its environment (sbatch exports the submitter's, `LABBOOK_SECRET_URLS` included).
+    parameters = {name: tracking.notebook_parameter(value) for name, value in parameters.items()}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / notebook.name
         papermill.execute_notebook(

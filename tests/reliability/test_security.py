@@ -517,3 +517,15 @@ def test_6_database_passwords_reach_no_notebook_html_log_or_terminal_and_the_tri
     parameters = nbformat.read(executed, as_version=4).metadata.papermill.parameters
     assert parameters["tracking_uri"].startswith("postgresql://postgres:***@")
     assert parameters["optuna_storage"].startswith("postgresql://postgres:***@")
+
+
+def test_6_a_slurm_jobs_script_attached_to_its_run_holds_no_password(tmp_path: Path) -> None:
+    from pipelines.execution.script import notebook_script
+    from pipelines.specs.spec import load_spec
+
+    spec = load_spec(SPECS / "regression_mlp.yaml")
+    url = "postgresql://postgres:SCRIPTSECRET3@127.0.0.1:5432/x"
+    script = tmp_path / "train.py"
+    notebook_script(spec, SPECS / "regression_mlp.yaml", script, str(tmp_path), extra={"tracking_uri": url})
+    text = script.read_text()
+    assert "SCRIPTSECRET3" not in text and "postgresql://postgres:***@127.0.0.1:5432/x" in text
