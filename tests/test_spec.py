@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -463,3 +464,247 @@ def test_a_bad_storage_flag_is_refused_before_anything_is_written(tmp_path: Path
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
     assert "--storage / tune.storage:" in done.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+# -- booleans never pass as numbers in a tune: section or a pipeline step; steps checked as they will run -------
+TUNE_SPEC = yaml.safe_load((PROJECT_ROOT / "pipelines" / "digits_mlp_tune.yaml").read_text())
+
+
+def tuned(section: str | None = None, **values) -> dict:
+    """digits_mlp_tune.yaml with values of its `tune:` (or of `sampler`, `pruner`, `space.<name>` there) changed."""
+    raw = yaml.safe_load(yaml.safe_dump(TUNE_SPEC))
+    target = raw["tune"]
+    for key in section.split(".") if section else ():
+        target = target.setdefault(key, {})
+    target.update(values)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (tuned(n_trials=True), "tune.n_trials: expected a number, got the boolean True"),
+        (tuned(timeout=True), "tune.timeout: expected a number, got the boolean True"),
+        (tuned(timeout=float("inf")), "tune.timeout: Input should be a finite number"),
+        (tuned("sampler", seed=True), "tune.sampler.seed: expected a number, got the boolean True"),
+        (tuned("sampler", seed=-1), "tune.sampler.seed: Input should be greater than or equal to 0 (got -1)"),
+        (tuned("sampler", n_startup_trials=True), "tune.sampler.n_startup_trials: expected a number, got the boolean"),
+        (tuned("pruner", min_resource=True), "tune.pruner.min_resource: expected a number, got the boolean True"),
+        (tuned("pruner", min_resource=0), "tune.pruner.min_resource: Input should be greater than or equal to 1"),
+        (tuned("pruner", reduction_factor=True), "tune.pruner.reduction_factor: expected a number, got the boolean"),
+        (tuned("pruner", name="median", n_warmup_steps=True), "tune.pruner.n_warmup_steps: expected a number, got"),
+        (tuned("pruner", name="median", n_startup_trials=True), "tune.pruner.n_startup_trials: expected a number"),
+        (tuned("space.l1", step=True), "tune.space.l1.step: expected a number, got the boolean True"),
+        (tuned("space.lr", log=1), "tune.space.lr.log: Input should be a valid boolean (got 1)"),
+        (tuned("space.max_epochs", type="int", low=2, high=True), "tune.space.max_epochs.high: expected a number"),
+        (tuned("space.max_epochs", type="int", low=True, high=4), "tune.space.max_epochs.low: expected a number"),
+        (tuned("space.max_epochs", type="int", low=2, high=4, step=True), "tune.space.max_epochs.step: expected a"),
+        (tuned("space.max_epochs", type="int", low=2, high=4, log="yes"), "tune.space.max_epochs.log: Input should"),
+    ],
+)
+def test_tune_numbers_refuse_booleans_and_out_of_range_values(tmp_path: Path, raw: dict, expected: str) -> None:
+    path = write(tmp_path, raw)
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message, message
+
+
+def test_tune_n_trials_true_is_refused_by_validate(tmp_path: Path) -> None:
+    done = labbook(
+        "validate", str(write(tmp_path, tuned(n_trials=True))), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""}
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, (done.stdout, done.stderr)
+    assert "tune.n_trials: expected a number, got the boolean True" in done.stderr
+
+
+NIGHTLY_TEXT = (PROJECT_ROOT / "pipelines" / "digits_nightly.yaml").read_text()
+COMPRESS_TEXT = (PROJECT_ROOT / "pipelines" / "digits_compress.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "old", "new", "expected"),
+    [
+        (NIGHTLY_TEXT, "n_trials: 4 ", "n_trials: true ", "steps.0.tune.n_trials: expected a number, got the boolean"),
+        (NIGHTLY_TEXT, "n_trials: 4 ", "timeout: true ", "steps.0.tune.timeout: expected a number, got the boolean"),
+        (NIGHTLY_TEXT, "n_trials: 4 ", "n_trials: 4\n    workers: true", "steps.0.tune.workers: expected a number"),
+        (
+            NIGHTLY_TEXT,
+            "n_trials: 4 ",
+            "n_trials: 4\n    report: 1",
+            "steps.0.tune.report: Input should be a valid bool",
+        ),
+        (NIGHTLY_TEXT, "retries: 1", "retries: true", "steps.1.train.retries: expected a number, got the boolean"),
+        (NIGHTLY_TEXT, "kind: report\n", "kind: report\n    top_k: true\n", "steps.4.report.top_k: expected a number"),
+        (NIGHTLY_TEXT, "steps:\n", "report: 1\nsteps:\n", "report: Input should be a valid boolean (got 1)"),
+        (
+            NIGHTLY_TEXT,
+            "n_trials: 4 ",
+            "n_trials: 4\n    launcher: {name: slurm, cpus_per_task: true}",
+            "steps.0.tune.launcher.cpus_per_task: expected a number, got the boolean True",
+        ),
+        (
+            NIGHTLY_TEXT,
+            "metric: test_acc",
+            "metric: nope_acc",
+            "steps.promote.metric: got 'nope_acc'; mlp_classifier logs train_loss, train_acc",
+        ),
+        (NIGHTLY_TEXT, "metric: test_acc", "metric: test_r2", "steps.promote.metric: got 'test_r2'; mlp_classifier"),
+        (
+            NIGHTLY_TEXT,
+            "run: ${retrain.run_id}\n    metric: test_acc",
+            "run: 0123abcd\n    metric: acc",
+            "steps.promote.metric: got 'acc'; the models log test_acc",
+        ),
+        (
+            NIGHTLY_TEXT,
+            "run: ${retrain.run_id}",
+            "run: ${search.run_id}",
+            "steps.promote.run: ${search.run_id} names no trained model; a register step takes (train run_id; tune",
+        ),
+        (NIGHTLY_TEXT, "split: test}", "split: banana}", "steps.evaluate.parameters.split: got 'banana'; expected one"),
+        (
+            NIGHTLY_TEXT,
+            "split: test}",
+            "split: 3}",
+            "steps.evaluate.parameters.split: got 3; expected one of test, val",
+        ),
+        (COMPRESS_TEXT, "sparsity: 0.5", "sparsity: true", "steps.1.compress.sparsity: expected a number, got the"),
+        (COMPRESS_TEXT, "finetune_epochs: 1", "finetune_epochs: true", "steps.1.compress.finetune_epochs: expected a"),
+        (COMPRESS_TEXT, "distill_epochs: 10", "distill_epochs: true", "steps.1.compress.distill_epochs: expected a"),
+        (COMPRESS_TEXT, "temperature: 1.0", "temperature: .inf", "steps.1.compress.temperature: Input should be a"),
+        (COMPRESS_TEXT, "samples: 8", "samples: true", "steps.2.explain.samples: expected a number, got the boolean"),
+        (
+            COMPRESS_TEXT,
+            "run: ${train.run_id}  #",
+            "run: ${train.params}  #",
+            "steps.compress.run: ${train.params} names no trained model; a compress step takes (train model_uri",
+        ),
+    ],
+)
+def test_pipeline_steps_refuse_what_their_run_would(
+    tmp_path: Path, text: str, old: str, new: str, expected: str
+) -> None:
+    """Booleans as numbers, a metric the model does not log, a split or a run the step cannot use: refused up front."""
+    for name in ("digits_mlp.yaml", "digits_mlp_tune.yaml"):
+        (tmp_path / name).write_text((PROJECT_ROOT / "pipelines" / name).read_text())
+    assert old in text
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(SpecError) as caught:
+        load_pipeline(path)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message and len(message) <= 500, message
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("split: test}", "split: val}"),  # the other split the evaluate notebook scores
+        ("run: ${retrain.run_id}", "run: ${search.best_run_id}"),  # the best trial's run holds a model
+        ("run: ${retrain.run_id}\n    metric: test_acc", "run: 0123abcd\n    metric: test_r2"),  # some model logs it
+    ],
+)
+def test_pipeline_steps_accept_what_their_run_can_use(tmp_path: Path, old: str, new: str) -> None:
+    for name in ("digits_mlp.yaml", "digits_mlp_tune.yaml"):
+        (tmp_path / name).write_text((PROJECT_ROOT / "pipelines" / name).read_text())
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(NIGHTLY_TEXT.replace(old, new, 1))
+    assert load_pipeline(path).steps
+
+
+def test_pipeline_validate_refuses_a_metric_and_a_split_the_steps_would_fail_on(tmp_path: Path) -> None:
+    for name in ("digits_mlp.yaml", "digits_mlp_tune.yaml"):
+        (tmp_path / name).write_text((PROJECT_ROOT / "pipelines" / name).read_text())
+    for old, new, field in (
+        ("metric: test_acc", "metric: nope_acc", "steps.promote.metric"),
+        ("split: test}", "split: banana}", "steps.evaluate.parameters.split"),
+    ):
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(NIGHTLY_TEXT.replace(old, new))
+        done = labbook("validate", str(path), cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, (done.stdout, done.stderr)
+        assert field in done.stderr, done.stderr
+        assert not (tmp_path / "mlruns").exists()
+
+
+# -- trainer settings the run would refuse: a package not installed, a checkpoint not there -------------------
+_NO_XLA = importlib.util.find_spec("torch_xla") is None
+_NO_DEEPSPEED = importlib.util.find_spec("deepspeed") is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        pytest.param(
+            "accelerator=tpu",
+            "trainer.accelerator: accelerator 'tpu' needs the torch_xla package, not installed here; allowed: auto",
+            marks=pytest.mark.skipif(not _NO_XLA, reason="torch_xla is installed"),
+        ),
+        pytest.param(
+            "strategy=deepspeed",
+            "trainer.strategy: strategy 'deepspeed' needs the deepspeed package, not installed here; allowed: auto",
+            marks=pytest.mark.skipif(not _NO_DEEPSPEED, reason="deepspeed is installed"),
+        ),
+        ("ckpt_path=../../x.ckpt", "trainer.ckpt_path: no such file '../../x.ckpt'"),
+        ("gradient_clip_val=0", "trainer.gradient_clip_val: Input should be greater than 0 (got 0)"),
+    ],
+)
+def test_validate_refuses_trainer_settings_the_run_would_fail_on(tmp_path: Path, setting: str, field: str) -> None:
+    path = PROJECT_ROOT / "pipelines" / "digits_mlp.yaml"
+    for verb in ("validate", "run"):
+        done = labbook(verb, str(path), "--set", setting, cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+        assert done.returncode == 2, (verb, done.stdout, done.stderr)
+        assert done.stderr.strip().count("\n") == 0 and field in done.stderr, done.stderr
+        assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param(
+            {"strategy": "deepspeed_stage_2"},
+            "needs the deepspeed package",
+            marks=pytest.mark.skipif(not _NO_DEEPSPEED, reason="deepspeed is installed"),
+        ),
+        pytest.param(
+            {"strategy": "xla"}, "needs the torch_xla package", marks=pytest.mark.skipif(not _NO_XLA, reason="xla")
+        ),
+        pytest.param(
+            {"strategy": "single_tpu"},
+            "needs the torch_xla package",
+            marks=pytest.mark.skipif(not _NO_XLA, reason="torch_xla is installed"),
+        ),
+        ({"strategy": "fsdp", "accelerator": "mps"}, "strategy fsdp needs a GPU (Lightning's FSDP strategy refuses"),
+        ({"ckpt_path": "missing/best.ckpt"}, "trainer.ckpt_path: no such file 'missing/best.ckpt'"),
+        ({"ckpt_path": "latest"}, "trainer.ckpt_path: expected 'last' or a path to a .ckpt file"),
+        ({"gradient_clip_val": -0.5}, "trainer.gradient_clip_val: Input should be greater than 0"),
+        ({"gradient_clip_val": True}, "trainer.gradient_clip_val: expected a number, got the boolean True"),
+    ],
+)
+def test_trainer_settings_refused_as_the_run_would(tmp_path: Path, monkeypatch, overrides: dict, expected: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=re.escape(expected)):
+        load_spec(PROJECT_ROOT / "pipelines" / "digits_mlp.yaml", overrides)
+
+
+def test_trainer_settings_the_run_takes_are_accepted(tmp_path: Path, monkeypatch) -> None:
+    """No GPU is asked for (login nodes have none); a checkpoint path is read from the current folder, as the run
+    reads it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "start.ckpt").write_bytes(b"")
+    (tmp_path / "sharded.ckpt").mkdir()  # DeepSpeed and FSDP write a checkpoint as a folder
+    path = PROJECT_ROOT / "pipelines" / "digits_mlp.yaml"
+    for overrides in (
+        {"accelerator": "gpu", "strategy": "ddp", "devices": 2},
+        {"accelerator": "gpu", "strategy": "fsdp"},
+        {"ckpt_path": "last"},
+        {"ckpt_path": "runs/start.ckpt"},
+        {"ckpt_path": str(tmp_path / "runs" / "start.ckpt")},
+        {"ckpt_path": "sharded.ckpt"},
+        {"gradient_clip_val": 0.5},
+        {"gradient_clip_val": None},
+    ):
+        spec = load_spec(path, overrides)
+        assert {k: spec.parameters()[k] for k in overrides} == overrides

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lightning_modules.settings import checked_type
+
 TIME_FORMATS = "minutes or SLURM's MIN:SEC, H:MIN:SEC, D-H:MIN"
 
 
@@ -64,8 +66,9 @@ class LauncherSpec(BaseModel):
     name: Literal["local", "slurm"] = "local"
     partition: str | None = Field(None, min_length=1, max_length=200)
     time: str | None = Field(None, min_length=1, max_length=40)  # SLURM's format: minutes, H:MIN:SEC, D-H:MIN
-    cpus_per_task: int | None = Field(None, ge=1)
-    gpus_per_task: int | None = Field(None, ge=0)
+    # Never a boolean as a count (`cpus_per_task: true` is refused, not taken as 1), as every setting.
+    cpus_per_task: checked_type(int) | None = Field(None, ge=1)
+    gpus_per_task: checked_type(int) | None = Field(None, ge=0)
     mem: str | None = Field(None, min_length=1, max_length=40)
 
     @field_validator("time", mode="before")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lightning_modules.settings import checked_type
+
 if TYPE_CHECKING:
     from pipelines.specs.spec import Spec
 
@@ -33,6 +35,7 @@ from pipelines.specs.spec_io import (
     check_notebook,
     one_line,
     read_yaml,
+    shown,
 )
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?\}")
@@ -50,11 +53,30 @@ OUTPUTS: dict[str, set[str]] = {
 }
 MAPPINGS = {"metrics", "params", "best_params", "outputs", "variants"}
 
+# The outputs that name a trained model, which a step's `run:` takes: a register step needs the
+# training run itself (it reads the run's metrics); compress and explain also take a model URI.
+# A study's own run (`tune.run_id`) holds no model, its best trial's run does. A notebook step's
+# outputs are whatever that notebook recorded: not judged here.
+MODEL_RUNS: dict[str, set[str]] = {"train": {"run_id"}, "tune": {"best_run_id"}}
+MODEL_REFS: dict[str, set[str]] = {
+    "train": {"run_id", "model_uri"},
+    "tune": {"best_run_id", "model_uri"},
+    "register": {"model_uri"},
+}
+# A notebook parameter whose comment is only its choices (`split = "test"  # test | val`) takes one of them.
+CHOICES = re.compile(r"[\w.-]+(?: \| [\w.-]+)+")
+
+# Numbers as every setting is checked (lightning_modules.settings): a boolean is never a number
+# (`n_trials: true` is refused, not taken as 1), floats are finite; a boolean is `true`/`false` only.
+Int = checked_type(int)
+Float = checked_type(float)
+Bool = checked_type(bool)
+
 
 class _Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=STEP_NAME)
-    retries: int = Field(0, ge=0, le=10)
+    retries: Int = Field(0, ge=0, le=10)
 
 
 Overrides = dict[str, Any] | str | list[dict[str, Any] | str]
@@ -75,10 +97,10 @@ class TuneStep(_Step):
     kind: Literal["tune"]
     spec: str
     set: Overrides = Field(default_factory=dict)
-    n_trials: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
-    workers: int = Field(1, ge=1)  # with a SLURM launcher: the job array's tasks
-    report: bool = True  # the study's own report notebook on the study's run
+    n_trials: Int | None = Field(None, ge=1)
+    timeout: Float | None = Field(None, gt=0)
+    workers: Int = Field(1, ge=1)  # with a SLURM launcher: the job array's tasks
+    report: Bool = True  # the study's own report notebook on the study's run
     launcher: LauncherSpec | None = None  # where its workers run (replaces the spec's `launcher:`)
 
 
@@ -105,7 +127,7 @@ class ReportStep(_Step):
 
     kind: Literal["report"]
     study: str | None = None  # default: the last tune step's study
-    top_k: int = Field(5, ge=1)
+    top_k: Int = Field(5, ge=1)
 
 
 class CompressStep(_Step):
@@ -114,13 +136,13 @@ class CompressStep(_Step):
     kind: Literal["compress"]
     run: str  # a run id (`${train.run_id}`) or a registered model (`models:/name@alias`)
     methods: list[Literal["quantize", "prune", "distill"]] = Field(min_length=1)
-    sparsity: float = Field(0.5, gt=0, lt=1)
-    finetune_epochs: int = Field(1, ge=0)
+    sparsity: Float = Field(0.5, gt=0, lt=1)
+    finetune_epochs: Int = Field(1, ge=0)
     student: dict[str, Any] = Field(default_factory=lambda: {"hidden_sizes": [16]})
-    alpha: float = Field(0.5, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    distill_epochs: int = Field(10, ge=1)
-    latency_repeats: int = Field(30, ge=3)
+    alpha: Float = Field(0.5, ge=0, le=1)
+    temperature: Float = Field(1.0, gt=0)
+    distill_epochs: Int = Field(10, ge=1)
+    latency_repeats: Int = Field(30, ge=3)
 
 
 class ExplainStep(_Step):
@@ -129,9 +151,9 @@ class ExplainStep(_Step):
     kind: Literal["explain"]
     run: str
     method: Literal["integrated_gradients", "saliency"] = "integrated_gradients"
-    samples: int = Field(8, ge=1, le=64)
-    n_steps: int = Field(32, ge=2)  # integrated gradients: points on the path from the baseline
-    window: int = Field(48, ge=1)  # gpt: tokens of the test window whose attention is drawn
+    samples: Int = Field(8, ge=1, le=64)
+    n_steps: Int = Field(32, ge=2)  # integrated gradients: points on the path from the baseline
+    window: Int = Field(48, ge=1)  # gpt: tokens of the test window whose attention is drawn
 
 
 Step = Annotated[
@@ -149,7 +171,7 @@ class PipelineSpec(BaseModel):
     description: str = ""
     experiment: str | None = Field(None, min_length=1, max_length=MAX_EXPERIMENT)
     steps: list[Step] = Field(min_length=1)
-    report: bool = True  # a report on the parent run at the end, when no step is a report
+    report: Bool = True  # a report on the parent run at the end, when no step is a report
 
     @model_validator(mode="before")
     @classmethod
@@ -313,11 +335,62 @@ def _check_step(pipeline: PipelineSpec, step: Step, path: Path, specs: dict[str,
         check_notebook(notebook, step.notebook, f"{where}.")
         import papermill
 
-        declared = set(papermill.inspect_notebook(str(notebook)))
-        for key in step.parameters:
+        declared = papermill.inspect_notebook(str(notebook))
+        for key, value in step.parameters.items():
             if key not in declared:
                 known = ", ".join(sorted(declared))
                 raise SpecError(f"{where}.parameters.{key}: not a parameter of {step.notebook}; known: {known}")
+            choices = _choices(declared[key])
+            if choices and not references(value) and value not in choices:
+                raise SpecError(f"{where}.parameters.{key}: got {shown(value)}; expected one of {', '.join(choices)}")
+    if isinstance(step, RegisterStep | CompressStep | ExplainStep):
+        model = _trained_model(pipeline, step, where, specs)
+        whole = REFERENCE.fullmatch(step.run)
+        from_notebook = whole is not None and pipeline.step(whole.group(1)).kind == "notebook"
+        if isinstance(step, RegisterStep) and not from_notebook:  # a notebook's run logs what it likes
+            _check_metric(step.metric, model, f"{where}.metric")
+
+
+def _choices(parameter: dict[str, Any]) -> list[str]:
+    """The values a notebook's string parameter lists in its comment (`split = "test"  # test | val`), or []."""
+    help_text = (parameter.get("help") or "").strip()
+    if not str(parameter.get("default", "")).startswith(("'", '"')) or not CHOICES.fullmatch(help_text):
+        return []
+    return help_text.split(" | ")
+
+
+def _trained_model(
+    pipeline: PipelineSpec, step: RegisterStep | CompressStep | ExplainStep, where: str, specs: dict[str, Spec]
+) -> str | None:
+    """The model a step's `run:` reference trains (None: a run id, a registered model, a notebook's output).
+
+    A reference to an output that names no trained model (a study's own run, a report's) is refused.
+    """
+    whole = REFERENCE.fullmatch(step.run)
+    if whole is None:
+        return None
+    name, output, _ = whole.groups()
+    kind = pipeline.step(name).kind
+    table = MODEL_RUNS if isinstance(step, RegisterStep) else MODEL_REFS
+    if kind != "notebook" and output not in table.get(kind, ()):
+        takes = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in table.items())
+        raise SpecError(f"{where}.run: ${{{name}.{output}}} names no trained model; a {step.kind} step takes ({takes})")
+    spec = specs.get(name)
+    return spec.model.name if spec is not None and kind in MODEL_RUNS else None
+
+
+def _check_metric(metric: str, model: str | None, where: str) -> None:
+    """`metric` is one the model logs (`<split>_<metric>`, test ones after fitting); any model's when unknown."""
+    from lightning_modules import catalog
+
+    if model is not None:
+        known = catalog.metric_names(model)
+        if metric not in known:
+            raise SpecError(f"{where}: got {shown(metric)}; {model} logs {', '.join(known)}")
+        return
+    known = sorted({m for name in catalog.names("model") for m in catalog.metric_names(name)})
+    if metric not in known:
+        raise SpecError(f"{where}: got {shown(metric)}; the models log {', '.join(known)}")
 
 
 def step_launcher(step: TrainStep | TuneStep, spec: Spec) -> LauncherSpec | None:

@@ -9,6 +9,7 @@ is unique across them, and `Spec.parameters()` flattens them into the dict the t
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import typing
 from pathlib import Path
@@ -78,9 +79,21 @@ def _strategies() -> list[str]:
     return ["auto", *StrategyRegistry.available_strategies()]
 
 
+_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+
+def _package_needed(name: str) -> str | None:
+    """The package an accelerator or strategy needs beyond torch and Lightning (`tpu`, `xla*`: torch_xla;
+    `deepspeed*`: deepspeed), when it is not installed here: Lightning fails without it once the run has
+    started. Looked up with `find_spec`, never imported. A GPU is never asked for: specs for a cluster are
+    checked on its login node."""
+    package = "deepspeed" if name.startswith("deepspeed") else "torch_xla" if "xla" in name or "tpu" in name else None
+    return package if package is not None and importlib.util.find_spec(package) is None else None
+
+
 class TrainerSpec(_Strict):
     max_epochs: Int = Field(10, ge=1)
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    accelerator: Literal[_ACCELERATORS] = "auto"
     devices: checked_type(int | str | list[int]) = "auto"
     num_nodes: Int = Field(1, ge=1)
     # Lightning's own names: auto, ddp, ddp_spawn, ddp_notebook, fsdp, deepspeed, ... (checked below).
@@ -89,7 +102,7 @@ class TrainerSpec(_Strict):
     precision: Literal["32-true", "32", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     seed: checked_type(settings.Seed) = 42  # the data module's seed too: one declaration
     accumulate_grad_batches: Int = Field(1, ge=1)
-    gradient_clip_val: Float | None = Field(None, ge=0)
+    gradient_clip_val: Float | None = Field(None, gt=0)  # null: no clipping
     compile: Bool = False  # torch.compile the model before fitting
     early_stopping_patience: Int | None = Field(None, ge=1)  # epochs without improvement of the monitor
     enable_progress_bar: Bool = True
@@ -100,8 +113,28 @@ class TrainerSpec(_Strict):
     @field_validator("ckpt_path")
     @classmethod
     def _resumable(cls, value: str | None) -> str | None:
-        if value is not None and value != "last" and not value.endswith(".ckpt"):
-            raise ValueError(f"expected 'last' or a path to a .ckpt file, got {value!r}")
+        if value is None or value == "last":
+            return value
+        if not value.endswith(".ckpt"):
+            raise ValueError(f"expected 'last' or a path to a .ckpt file, got {shown(value)}")
+        # The kernel runs in this folder, so Lightning reads a relative path from here too. A URL
+        # (s3://...) is Lightning's fsspec to read; a folder is a sharded (DeepSpeed, FSDP) checkpoint.
+        if "://" not in value and not Path(value).exists():
+            raise ValueError(
+                f"no such file {shown(value)} (read from {shown(str(Path.cwd()))}, as the run reads it); "
+                "expected 'last' or an existing .ckpt file"
+            )
+        return value
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator_installed(cls, value: str) -> str:
+        package = _package_needed(value)
+        if package:
+            usable = [a for a in _ACCELERATORS if _package_needed(a) is None]
+            raise ValueError(
+                f"accelerator {value!r} needs the {package} package, not installed here; allowed: {', '.join(usable)}"
+            )
         return value
 
     @field_validator("devices")
@@ -131,11 +164,18 @@ class TrainerSpec(_Strict):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
-        if value in _COMMON_STRATEGIES:
+        if value in _COMMON_STRATEGIES and not _package_needed(value):
             return value
         known = _strategies()
         if value not in known:
-            raise ValueError(f"unknown strategy {value!r}; allowed: {', '.join(known)}")
+            raise ValueError(f"unknown strategy {shown(value)}; allowed: {', '.join(known)}")
+        package = _package_needed(value)
+        if package:
+            usable = [s for s in known if not _package_needed(s) and "_find_unused_parameters_" not in s]
+            raise ValueError(
+                f"strategy {value!r} needs the {package} package, not installed here; allowed: {', '.join(usable)} "
+                "(and their _find_unused_parameters_ variants)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -150,10 +190,11 @@ class TrainerSpec(_Strict):
 
     @model_validator(mode="after")
     def _fsdp_needs_a_gpu(self) -> TrainerSpec:
-        if self.strategy.startswith("fsdp") and self.accelerator == "cpu":
-            # Lightning's FSDPStrategy refuses CPUAccelerator (torch's FSDP itself runs on gloo): DDP there.
+        if self.strategy.startswith("fsdp") and self.accelerator not in ("auto", "gpu", "cuda"):
+            # Lightning's FSDPStrategy takes only a CUDA accelerator (torch's FSDP itself runs on gloo): DDP there.
             raise ValueError(
-                "strategy fsdp needs a GPU (Lightning's FSDP strategy refuses accelerator cpu); use ddp on CPU"
+                f"strategy fsdp needs a GPU (Lightning's FSDP strategy refuses accelerator {self.accelerator}); "
+                "use accelerator gpu, or ddp on CPU"
             )
         return self
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lightning_modules import settings
 from lightning_modules.settings import checked_type
 from pipelines.specs.spec_io import MAX_NAME
 
@@ -21,16 +22,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Endpoints are finite numbers, never booleans: the checks every setting gets (lightning_modules.settings).
+# Every number here is checked as every setting is (lightning_modules.settings): never a boolean
+# (`n_trials: true` is refused, not taken as 1), floats finite; a boolean is only `true`/`false`.
 Float = checked_type(float)
 Int = checked_type(int)
+Bool = checked_type(bool)
 
 
 class FloatRange(_Strict):
     type: Literal["float"]
     low: Float
     high: Float
-    log: bool = False
+    log: Bool = False
     step: Float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -51,7 +54,7 @@ class IntRange(_Strict):
     type: Literal["int"]
     low: Int
     high: Int
-    log: bool = False
+    log: Bool = False
     step: Int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -102,8 +105,8 @@ _SAMPLER_NEEDS = {"gp": ("torch", "scipy"), "cmaes": ("cmaes",)}
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
-    seed: int | None = 42
-    n_startup_trials: int | None = Field(None, ge=0)
+    seed: checked_type(settings.Seed) | None = 42  # numpy's SeedSequence, as the trainer's seed
+    n_startup_trials: Int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _installed(self) -> SamplerSpec:
@@ -116,18 +119,19 @@ class SamplerSpec(_Strict):
 class PrunerSpec(_Strict):
     name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
     # A study's steps are epochs trained (`study.EPOCHS_TRAINED`): step 1 is the first epoch's value.
-    n_startup_trials: int = Field(2, ge=0)  # median: trials finished before pruning starts
-    n_warmup_steps: int = Field(2, ge=0)  # median: a trial can be pruned once it has trained this many epochs
-    min_resource: int | Literal["auto"] = "auto"  # successive_halving, hyperband: epochs trained before the first cut
-    reduction_factor: int = Field(3, ge=2)  # successive_halving, hyperband: 1 in this many goes on at each rung
+    n_startup_trials: Int = Field(2, ge=0)  # median: trials finished before pruning starts
+    n_warmup_steps: Int = Field(2, ge=0)  # median: a trial can be pruned once it has trained this many epochs
+    # successive_halving, hyperband: epochs trained before the first cut (Optuna refuses 0)
+    min_resource: checked_type(settings.PositiveInt) | Literal["auto"] = "auto"
+    reduction_factor: Int = Field(3, ge=2)  # successive_halving, hyperband: 1 in this many goes on at each rung
 
 
 class TuneSpec(_Strict):
     metric: str = Field(min_length=1)
     direction: Literal["maximize", "minimize"]
     space: dict[str, Distribution] = Field(min_length=1)
-    n_trials: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
+    n_trials: Int | None = Field(None, ge=1)
+    timeout: Float | None = Field(None, gt=0)
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     storage: str | None = None
