@@ -9,7 +9,12 @@ jsonschema) put the first bytes of what they could not parse into their messages
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Iterable
+
 LIMIT = 500  # characters of an error line or tag
+LIST_BUDGET = 300  # characters of the allowed values an error line lists (`listing`)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -44,11 +49,61 @@ def reason(problem: BaseException | str) -> str:
     return _bounded(text)
 
 
+def listing(names: Iterable[str], given: str | None = None, budget: int = LIST_BUDGET, hidden: int = 0) -> str:
+    """`names` joined by ", " in at most `budget` characters, never a name cut: all of them when they
+    fit, else those closest to `given` first (difflib), then the others in order, then `… and N more`
+    (`hidden`: names left out already, by an earlier listing of the same list)."""
+    names = list(dict.fromkeys(names))
+    whole = ", ".join(names) + (f", … and {hidden} more" if hidden else "")
+    if len(whole) <= budget:
+        return whole
+    close = difflib.get_close_matches(given, names, n=5, cutoff=0.5) if given else []
+    ordered = close + [name for name in names if name not in close]
+    kept: list[str] = []
+    for name in ordered:
+        tail = f", … and {len(ordered) - len(kept) - 1 + hidden} more"
+        if len(", ".join([*kept, name])) + len(tail) > budget:
+            break
+        kept.append(name)
+    return ", ".join(kept) + f"{', ' if kept else ''}… and {len(ordered) - len(kept) + hidden} more"
+
+
+# Where an error line lists the values a field takes; a line too long has that list shortened.
+_LIST = re.compile(
+    r"(?P<head>.*?\b(?:allowed|known|expected one of|must be one of|steps):? )(?P<items>[^;,]+(?:, [^;,]+)+)"
+)
+
+
 def _bounded(text: str) -> str:
-    """One line (runs of whitespace, newlines included, become one space) of at most LIMIT characters:
-    a longer one keeps its start (what failed) and its end (where: a run id, a kept file), cut between."""
+    """One line (runs of whitespace, newlines included, become one space) of at most LIMIT characters.
+
+    A longer one that lists allowed values (`...; allowed: a, b, c`) keeps the names closest to the
+    value it quotes first and says how many more there are (`listing`). Else it keeps its start
+    (what failed) and its end (where: a run id, a kept file), cut between words where there are any.
+    """
     line = " ".join(text.split())
     if len(line) <= LIMIT:
         return line
-    head = LIMIT * 2 // 3
-    return f"{line[:head]} … {line[-(LIMIT - head - 3) :]}"
+    found = _LIST.match(line)
+    if found:
+        head, rest = found["head"], line[found.end() :]
+        quoted = re.search(r"'([^']{1,80})'", head)
+        budget = LIMIT - len(head) - len(rest)
+        if budget >= 40:
+            items = found["items"].split(", ")
+            earlier = re.fullmatch(r"… and (\d+) more", items[-1])  # listed once already: its count kept
+            hidden = int(earlier[1]) if earlier else 0
+            names = items[:-1] if earlier else items
+            return head + listing(names, quoted[1] if quoted else None, budget, hidden) + rest
+    head, tail = _cut(line[: LIMIT * 2 // 3], keep="start"), None
+    tail = _cut(line[len(line) - (LIMIT - len(head) - 3) :], keep="end")
+    return f"{head} … {tail}"
+
+
+def _cut(part: str, keep: str) -> str:
+    """`part` without the word the cut went through, unless that would drop more than a quarter of it."""
+    if keep == "start":
+        space = part.rfind(" ")
+        return part[:space] if space > len(part) * 3 // 4 else part
+    space = part.find(" ")
+    return part[space + 1 :] if 0 <= space < len(part) // 4 else part

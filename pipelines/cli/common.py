@@ -19,16 +19,68 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from pipelines.errors import TrackingUnavailable, reason
 from pipelines.kernels.env import quiet_defaults
 from pipelines.specs.spec_io import SpecError
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - an older typer on click
+    from click.exceptions import UsageError  # type: ignore[assignment]
+
+
+def usage_line(exc: UsageError) -> str:
+    """A usage error (an option's value Typer could not convert, a missing argument, an unknown
+    option or command) as one line naming the option and what it takes: `--grace: expected a whole
+    number; see labbook schedule add --help`. Never the value given (it may be 5000 digits)."""
+    param = getattr(exc, "param", None)
+    opts = [opt for opt in getattr(param, "opts", None) or [] if opt.startswith("--")] or getattr(param, "opts", [])
+    info = getattr(getattr(param, "type_descriptor", None), "parameter_info", None)
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    low, high = getattr(info, "min", None), getattr(info, "max", None)
+    if opts and annotation in (int, float) and type(exc).__name__ == "BadParameter":
+        kind = "a whole number" if annotation is int else "a number"
+        bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+        bounds = bounds or (f", {low} or more" if low is not None else f", at most {high}" if high is not None else "")
+        text = f"{opts[0]}: expected {kind}{bounds}"
+    elif opts and type(exc).__name__ == "BadParameter":
+        text = f"{opts[0]}: {exc.message}"
+    else:
+        text = exc.format_message().rstrip(".")
+    command = getattr(exc.ctx, "command_path", None) if exc.ctx is not None else None
+    return f"{text}; see {command} --help" if command else text
+
+
+class _Group(TyperGroup):
+    """The `labbook` command group: every usage error, in any verb, is one line and exit 2 (`usage_line`)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent=None, **extra):
+        with _usage_in_one_line():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx):
+        with _usage_in_one_line():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `labbook schedule` alone: the help, as asked
+            raise
+        raise fail(usage_line(exc)) from None
+
 
 app = typer.Typer(
     help="Deep-learning experiments as parameterized notebooks, tracked in MLflow.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_Group,
 )
 
 
@@ -87,7 +139,8 @@ def interrupted(exc: KeyboardInterrupt) -> typer.Exit:
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"error: {reason(message)}", markup=False, highlight=False, soft_wrap=True)
+    # The whole line, `error: ` included, is at most errors.LIMIT characters.
+    err.print(reason(f"error: {message}"), markup=False, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +51,8 @@ def _study(spec: Path, set_: list[str] | None, n_trials, timeout, storage, study
     from pipelines.specs.spec_io import MAX_NAME
     from pipelines.study.tune import open_study
 
+    if timeout is not None and not math.isfinite(timeout):  # `inf`, or digits past a float's range
+        raise fail("--timeout: expected a finite number of seconds, 1 or more")
     loaded = load_training_spec(spec, set_)
     if study_name is not None and not 1 <= len(study_name) <= MAX_NAME:
         raise fail(f"--study-name: expected 1 to {MAX_NAME} characters, got {len(study_name)}")

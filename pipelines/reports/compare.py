@@ -12,6 +12,8 @@ from typing import Literal
 import mlflow
 import pandas as pd
 
+from pipelines.errors import listing
+from pipelines.specs.spec_io import shown
 from pipelines.tracking import tracking
 from pipelines.tracking.tags import Tag
 
@@ -62,7 +64,7 @@ def compare(
     if metric:
         if metric not in frame.columns:
             known = sorted(c for c in frame.columns if c.startswith(("train_", "val_", "test_")))
-            raise ValueError(f"--metric: no metric {metric!r} in these runs; known: {', '.join(known)}")
+            raise ValueError(f"--metric: no metric {shown(metric)} in these runs; known: {listing(known, metric)}")
         frame = frame.sort_values(  # stable: ties stay newest first, as MLflow lists runs and orders `--top`
             metric,
             ascending=lower_is_better(metric) if ascending is None else ascending,

@@ -48,6 +48,8 @@ _ITEM = re.compile(r"(?:(?P<star>\*)|(?P<low>[0-9]+|[A-Za-z]+)(?:-(?P<high>[0-9]
 _MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # Feb 29 exists (leap years)
 # The largest clock change that the DST rule looks around (Vixie treats jumps up to 3 h as DST).
 _WINDOW = timedelta(hours=3)
+# Files in the zoneinfo folder that `zoneinfo.available_timezones()` lists but are no IANA zone.
+NOT_ZONE_NAMES = frozenset({"localtime", "posixrules"})
 FORM = "'minute hour day-of-month month day-of-week', e.g. '0 3 * * *'"
 
 
@@ -103,9 +105,31 @@ def _fail(expression: str, reason: str) -> SpecError:
     return SpecError(f"--cron: {shown!r}: {reason}; expected 5 fields {FORM}")
 
 
+# Digits a number in a field may have: a longer value is past every field's range (and Vixie cron
+# refuses a number of 100 digits; this one is refused with its field named), a longer step too.
+_LONGEST = 9
+
+
+def _number(text: str) -> int | None:
+    """ASCII digits as a number (cron reads no other digits: `²`, `٣` are not numbers to it), else None.
+
+    One longer than `_LONGEST` digits is read as 10**_LONGEST: Python's `int()` refuses 4300 digits.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    text = text.lstrip("0") or "0"
+    return int(text) if len(text) <= _LONGEST else 10**_LONGEST
+
+
+def _quoted(text: str) -> str:
+    """`text` quoted for an error line, cut to 20 characters: the expression itself is shown already."""
+    return repr(text if len(text) <= 20 else text[:17] + "...")
+
+
 def _value(text: str, low: int, high: int, names: tuple[str, ...] | None, offset: int) -> int | None:
-    if text.isdigit():
-        return int(text)
+    number = _number(text)
+    if number is not None:
+        return number
     if names and text.lower() in names:
         return names.index(text.lower()) + offset
     return None
@@ -117,17 +141,18 @@ def _field(expression: str, text: str, spec: tuple) -> tuple[set[int], bool]:
     values: set[int] = set()
     for item in text.split(","):
         match = _ITEM.fullmatch(item)
-        extension = re.search(r"[LW#?H]", item) and not all(
-            _value(part, low, high, names, offset) is not None for part in re.split(r"[-/]", item)
-        )
-        if extension:
-            reason = f"{name} {item!r}: L, W, #, ? and H are not crontab(5) syntax (system cron cannot read them)"
+        # croniter's letters, looked for outside the names a field takes (`thu` has an H, `wed` a W).
+        unnamed = [part for part in re.split(r"[-/]", item) if _value(part, low, high, names, offset) is None]
+        if re.search(r"[LW#?H]", "".join(unnamed)):
+            reason = (
+                f"{name} {_quoted(item)}: L, W, #, ? and H are not crontab(5) syntax (system cron cannot read them)"
+            )
             raise _fail(expression, reason)
         if match is None:
-            raise _fail(expression, f"{name} {item!r} is not N, N-M, *, */S or N-M/S with N, M in {allowed}")
-        step = int(match["step"]) if match["step"] else 1
-        if match["step"] and step == 0:
-            raise _fail(expression, f"{name} {item!r}: a step must be 1 or more")
+            raise _fail(expression, f"{name} {_quoted(item)} is not N, N-M, *, */S or N-M/S with N, M in {allowed}")
+        step = (_number(match["step"]) or 0) if match["step"] else 1
+        if match["step"] and not 1 <= step < 10**_LONGEST:
+            raise _fail(expression, f"{name} {_quoted(item)}: a step must be 1 or more, of at most {_LONGEST} digits")
         if match["star"]:
             first, last = low, high
         else:
@@ -135,11 +160,12 @@ def _field(expression: str, text: str, spec: tuple) -> tuple[set[int], bool]:
             last = _value(match["high"], low, high, names, offset) if match["high"] else first
             for part, value in ((match["low"], first), (match["high"], last)):
                 if part is not None and (value is None or not low <= value <= high):
-                    raise _fail(expression, f"{name} {part!r} is outside {allowed}")
+                    raise _fail(expression, f"{name} {_quoted(part)} is outside {allowed}")
             if match["step"] and not match["high"]:
-                raise _fail(expression, f"{name} {item!r}: crons disagree on N/S; write {match['low']}-{high}/{step}")
+                write = f"{match['low'][:10]}-{high}/{match['step'][:10]}"
+                raise _fail(expression, f"{name} {_quoted(item)}: crons disagree on N/S; write {write}")
             if last < first:
-                raise _fail(expression, f"{name} {item!r}: a range runs from low to high (cron matches nothing)")
+                raise _fail(expression, f"{name} {_quoted(item)}: a range runs from low to high (cron matches nothing)")
         values.update(range(first, last + 1, step))
     return values, text.startswith("*")
 
@@ -219,7 +245,9 @@ def zone(name: str) -> ZoneInfo:
     """The IANA time zone `name`, or SpecError naming --timezone."""
     from zoneinfo import available_timezones
 
-    if name not in available_timezones():
+    # `available_timezones()` lists every file under the system's zoneinfo folder, `localtime`
+    # (a link to /etc/localtime, this machine's zone, whatever it is) among them: not a name.
+    if name not in available_timezones() or name in NOT_ZONE_NAMES:
         shown = name if len(name) <= 60 else name[:57] + "..."
         raise SpecError(f"--timezone: {shown!r} is not an IANA time zone name; expected e.g. Europe/Berlin or UTC")
     return ZoneInfo(name)
@@ -230,6 +258,6 @@ def local_zone_name() -> str:
     from tzlocal import get_localzone_name
 
     name = get_localzone_name()
-    if not name:
+    if not name or name in NOT_ZONE_NAMES:
         raise SpecError("--timezone: this machine's time zone has no IANA name; give --timezone, e.g. UTC")
     return name

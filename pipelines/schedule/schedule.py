@@ -44,6 +44,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from pipelines.errors import listing
 from pipelines.schedule import cron as cronlib
 from pipelines.specs.spec_io import SpecError
 from pipelines.tracking import tracking
@@ -368,7 +369,7 @@ def remove(schedule_id: str, store: str | None = None) -> None:
     try:
         opened.remove_job(schedule_id)  # any stored id, also one written before ids were checked
     except JobLookupError:
-        known = ", ".join(ascii(j.id)[1:-1] for j in _rows(opened)[0])[:300] or "none"
+        known = listing((ascii(j.id)[1:-1] for j in _rows(opened)[0]), schedule_id) or "none"
         shown = ascii(schedule_id[:60])
         raise SpecError(f"schedule id {shown}: no such schedule; schedules: {known}") from None
     finally:

@@ -32,7 +32,10 @@ MAX_ERROR = LIMIT  # characters of one error line: a value quoted in it is cut t
 
 def shown(value: Any, limit: int = 80) -> str:
     """`repr(value)`, cut to `limit` characters: an error line never carries a whole huge value."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300 digits (read from hex, or made by arithmetic)
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 

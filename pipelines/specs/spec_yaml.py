@@ -5,11 +5,13 @@ PyYAML's `SafeLoader` runs no code, but it lets a later key silently replace an 
 275-byte spec of nested `&a [*a, *a, ...]` stands for billions of values, which validation and
 error messages then walk (1.4 GB of memory). This subclass refuses both while it composes the
 document, before any Python value is built. PyYAML has no option for either (its issue #41 and
-#165 are open), hence the few lines here.
+#165 are open), hence the few lines here. An integer longer than Python converts (4300 digits,
+`sys.get_int_max_str_digits`) is refused naming its key, not raised as a bare ValueError.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import yaml
@@ -34,11 +36,13 @@ class SpecLoader(yaml.SafeLoader):
 
     def construct_document(self, node: Node) -> Any:
         _expanded_size(node)
+        self._paths: dict[int, str] = {}  # id(node) -> where it sits (`trainer.max_epochs`, `hidden_sizes[1]`)
         return super().construct_document(node)
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
+        where = self._paths.get(id(node))
+        for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` merges on purpose; its keys may be overridden
             key = self.construct_object(key_node)
@@ -46,7 +50,34 @@ class SpecLoader(yaml.SafeLoader):
             if key in seen:
                 raise SpecYAMLError(f"duplicate key {str(key)[:80]!r} (lines {seen[key]} and {line})", line)
             seen[key] = line
+            self._paths.setdefault(id(value_node), f"{where}.{str(key)[:80]}" if where else str(key)[:80])
         return super().construct_mapping(node, deep=deep)
+
+    def construct_sequence(self, node: SequenceNode, deep: bool = False) -> list[Any]:
+        where = self._paths.get(id(node), "")
+        for index, child in enumerate(node.value):
+            self._paths.setdefault(id(child), f"{where}[{index}]")
+        return super().construct_sequence(node, deep=deep)
+
+    def construct_yaml_int(self, node: ScalarNode) -> int:
+        # Past Python's limit (4300 digits) `int()` raises ValueError; `0x…` and `1:00:…:00` are
+        # read without that limit into an int no error message could print: both are refused.
+        limit = sys.get_int_max_str_digits()
+        try:
+            value = super().construct_yaml_int(node)
+        except ValueError:
+            value = None
+        if value is None or value.bit_length() > limit * 10 // 3:
+            where = self._paths.get(id(node))
+            raise SpecYAMLError(
+                f"{where + ': ' if where else ''}a number of {len(str(node.value))} characters; "
+                f"a spec's integers have at most {limit} digits",
+                node.start_mark.line + 1,
+            )
+        return value
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:int", SpecLoader.construct_yaml_int)
 
 
 def _expanded_size(root: Node) -> int:
