@@ -180,7 +180,7 @@ def test_known_settings_fit_one_line_under_a_long_path(tmp_path: Path) -> None:
     folder.mkdir()
     spec = folder / "digits_mlp.yaml"
     spec.write_text((SPECS / "digits_mlp.yaml").read_text())
-    line = refused(labbook("validate", str(spec), "--set", "lr_rate=1", cwd=tmp_path), "--set lr_rate", "known: ")
+    line = refused(labbook("validate", str(spec), "--set", "lr_rate=1", cwd=tmp_path), "--set 'lr_rate'", "known: ")
     names, _, more = line.split("known: ", 1)[1].partition(", … and ")
     assert more.endswith(" more") and all(name.isidentifier() for name in names.split(", ")), line
 

@@ -162,6 +162,6 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
         result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)
     out.print(f"pipeline run {result.run_id}: {result.status}")
     if result.error:
-        err.print(f"error: {reason(result.error)}", markup=False, highlight=False)
+        err.print(reason(f"error: {result.error}"), markup=False, highlight=False)
         err.print(f"fix it, then continue with: labbook run {spec} --from {result.failed_step}", markup=False)
         raise typer.Exit(1)

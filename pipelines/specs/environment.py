@@ -47,7 +47,7 @@ def whole_number(name: str, default: int, low: int, high: int) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not low <= int(raw) <= high:
         raise ValueError(f"{name}={raw[:40]!r}: expected a whole number from {low} to {high}")
     return int(raw)
 
@@ -76,7 +76,7 @@ def run_heartbeat_seconds() -> int:
     raw = os.environ.get(RUN_HEARTBEAT_ENV, "").strip()
     if not raw:
         return RUN_HEARTBEAT_SECONDS
-    if not raw.isdigit() or not 1 <= int(raw) <= 3600:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not 1 <= int(raw) <= 3600:
         raise ValueError(f"{RUN_HEARTBEAT_ENV}={raw[:40]!r}: expected a whole number of seconds from 1 to 3600")
     return int(raw)
 

@@ -27,7 +27,7 @@ def minutes(text: str) -> int | None:
     value = text.strip().lower()
     if value in ("infinite", "unlimited"):
         return None
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
+    match = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?", value)
     if not match:
         raise ValueError(text)
     days, *rest = match.groups()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from lightning_modules import catalog, settings
 from lightning_modules.catalog import DERIVED_FROM_DATA, DERIVED_FROM_MODEL, check_fit
 from lightning_modules.settings import checked_type
+from pipelines.errors import listing
 from pipelines.specs import spec_yaml
 from pipelines.specs.launcher_spec import LauncherSpec
 from pipelines.specs.spec_io import (
@@ -168,7 +169,7 @@ class TrainerSpec(_Strict):
             return value
         known = _strategies()
         if value not in known:
-            raise ValueError(f"unknown strategy {shown(value)}; allowed: {', '.join(known)}")
+            raise ValueError(f"unknown strategy {shown(value)}; allowed: {listing(known, value)}")
         package = _package_needed(value)
         if package:
             usable = [s for s in known if not _package_needed(s) and "_find_unused_parameters_" not in s]
@@ -346,7 +347,7 @@ class Spec(_Strict):
         if key in DataSpec.model_fields or key in catalog.entry("data", self.data.name).settings:
             return "data"
         known = sorted(set(self.parameters()) - {"model", "data"})
-        raise SpecError(f"--set {key}: unknown setting; known: {', '.join(known)}")
+        raise SpecError(f"--set {shown(key)}: unknown setting; known: {listing(known, key)}")
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Spec:
