@@ -281,7 +281,7 @@ def test_a_kernel_server_runs_labbook_commands_forked_with_the_callers_files_sig
     client.send_signal(signal.SIGINT)  # Ctrl-C reaches the caller only; it is forwarded
     stdout, stderr = client.communicate(timeout=120)
     assert client.returncode == 130, stderr[-2000:]
-    assert stdout.startswith("running ") and "interrupted: run the same command again" in stderr
+    assert stdout.startswith("running ") and "interrupted: the same command trains from the start again" in stderr
     [cut] = MlflowClient(store).search_runs([e.experiment_id for e in MlflowClient(store).search_experiments()])
     assert cut.info.status in ("FAILED", "KILLED"), cut.info.status
     assert "notebook/train.ipynb" in [a.path for a in MlflowClient(store).list_artifacts(cut.info.run_id, "notebook")]

@@ -132,9 +132,13 @@ def exit_code(exc: KeyboardInterrupt) -> int:
     return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
-def interrupted(exc: KeyboardInterrupt) -> typer.Exit:
+RESUMES = "run the same command again to resume"
+
+
+def interrupted(exc: KeyboardInterrupt, then: str = RESUMES) -> typer.Exit:
+    """Ctrl-C/SIGTERM/SIGHUP as the command's exit, saying what the same command does next (`then`)."""
     with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
-        err.print("interrupted: run the same command again to resume")
+        err.print(f"interrupted: {then}", markup=False, highlight=False)
     return typer.Exit(exit_code(exc))
 
 
@@ -184,21 +188,21 @@ def store_failed(exc: Exception) -> typer.Exit:
 def reported(
     *bad_input: type[Exception],
     tracking: bool = False,
-    interrupts: bool = False,
+    interrupts: bool | str = False,
     squash: bool = False,
     failures: tuple[type[Exception], ...] = (),
     store: bool = False,
 ) -> Iterator[None]:
     """Turn what a verb's work raises into its exit: `bad_input` exceptions exit 2 with their message
     (on one line with `squash`), TrackingUnavailable (`tracking`) and `failures` exit 1, Ctrl-C/SIGTERM/
-    SIGHUP exit 130/143/129 (`interrupts`), a full or read-only store exits 1 in one line (`store`).
-    Anything else goes on up."""
+    SIGHUP exit 130/143/129 (`interrupts`: True, or what running the command again does, when it
+    does not resume), a full or read-only store exits 1 in one line (`store`). Anything else goes on up."""
     try:
         yield
     except KeyboardInterrupt as exc:
         if not interrupts:
             raise
-        raise interrupted(exc) from None
+        raise interrupted(exc, interrupts if isinstance(interrupts, str) else RESUMES) from None
     except TrackingUnavailable as exc:
         if not tracking:
             raise

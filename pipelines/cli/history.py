@@ -76,7 +76,7 @@ def rerun(
     from pipelines.execution.rerun import rerun as rerun_run
 
     stop_on_sigterm()
-    with reported(ValueError, MlflowException, squash=True, interrupts=True):
+    with reported(ValueError, MlflowException, squash=True, interrupts="the same command executes the run again"):
         done = rerun_run(run_id, tolerance)
     for name, (old, new) in done.changed.items():
         err.print(f"warning: {name} differs: {old or '-'} then, {new or '-'} now", markup=False)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -115,7 +115,7 @@ def run(
         _run_on_slurm(loaded, spec, slurm, nodes or 1, devices or 1, run_name, tags)
         return
     out.print(f"running {spec} → {redact(tracking_uri())}")
-    with reported(tracking=True, interrupts=True, store=True):
+    with reported(tracking=True, interrupts=next_training(loaded), store=True):
         check_server()
         close_dead_runs()
         result = run_training(loaded, spec_path=spec, run_name=run_name, extra_tags=tags)
@@ -130,6 +130,13 @@ def run(
         raise fail(f"notebook failed: {result.error}", code=1)
 
 
+def next_training(loaded: Any) -> str:
+    """What the same `labbook run` does after an interruption: resume only with `ckpt_path: last`."""
+    if loaded.trainer.ckpt_path == "last":
+        return "run the same command again to resume from the last checkpoint (trainer.ckpt_path: last)"
+    return "the same command trains from the start again (trainer.ckpt_path: last would resume from a checkpoint)"
+
+
 def _run_on_slurm(
     loaded, spec: Path, options, nodes: int, devices: int, run_name: str | None, tags: dict[str, str]
 ) -> None:
@@ -137,7 +144,7 @@ def _run_on_slurm(
     from pipelines.tracking.tracking import check_server, redact, tracking_uri
 
     out.print(f"running {spec} on SLURM → {redact(tracking_uri())}")
-    with reported(tracking=True, failures=(LaunchFailed,), interrupts=True):
+    with reported(tracking=True, failures=(LaunchFailed,), interrupts=next_training(loaded)):
         check_server()
         job = submit_training(loaded, spec, options, nodes, devices, run_name, console=out, tags=tags)
     requeues = f", requeued {job.restarts}x" if job.restarts else ""
@@ -157,7 +164,7 @@ def _run_pipeline(spec: Path, from_step: str | None, pipeline_run: str | None, t
     before_writing()
     stop_on_sigterm()
     out.print(f"running pipeline {spec} → {redact(tracking_uri())}")
-    with reported(SpecError, interrupts=True):
+    with reported(SpecError, interrupts=f"labbook run {spec} --from STEP continues this pipeline run at STEP"):
         close_dead_runs()
         result = run_pipeline(pipeline, spec, from_step, pipeline_run, trigger, schedule_id, console=out)
     out.print(f"pipeline run {result.run_id}: {result.status}")
