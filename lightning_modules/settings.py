@@ -117,6 +117,12 @@ def apply_rules(names: Sequence[str], settings: Mapping[str, Any]) -> None:
 
 
 # -- checking ----------------------------------------------------------------------------------------
+# The largest whole number any setting takes: 2**53, the last a float (and JSON, and an MLflow
+# param read back) holds exactly. No count, size or seed comes near it; a 400-digit `n_samples`
+# passed `validate` and then crashed the split (`math.ceil(n * fraction)`: OverflowError).
+LARGEST_INT = 2**53
+
+
 def _not_bool(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {value}")
@@ -135,8 +141,8 @@ def checked_type(tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is bool:
         return StrictBool
-    if tp is int:
-        return Annotated[int, BeforeValidator(_not_bool)]
+    if tp is int:  # and never past 2**53: float math on it (split sizes) overflowed, exit 1
+        return Annotated[int, BeforeValidator(_not_bool), Le(LARGEST_INT)]
     if tp is float:
         return Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
     if origin is Annotated:

@@ -65,6 +65,21 @@ def test_a_spec_number_with_too_many_digits_exits_2_naming_its_field_and_line(tm
     refused(labbook("validate", str(pipeline), cwd=tmp_path), "steps[0].n_trials", "line 6")
 
 
+@pytest.mark.parametrize(
+    ("spec", "setting"),
+    [
+        ("regression_mlp.yaml", f"n_samples={10**400}"),  # was an OverflowError traceback in the split
+        ("regression_mlp.yaml", f"max_epochs={'9' * 4000}"),  # was "ok" on a 4,062-character line
+        ("regression_mlp.yaml", f"batch_size={10**30}"),  # was "ok", then islice failed in the run
+        ("regression_mlp.yaml", f"hidden_sizes=[{10**30}]"),  # was "ok", then torch.empty overflowed
+        ("tinygpt.yaml", f"block_size={10**400}"),
+    ],
+)
+def test_a_whole_number_past_2_to_the_53_is_refused_by_validate(spec: str, setting: str) -> None:
+    line = refused(labbook("validate", str(SPECS / spec), "--set", setting), setting.split("=")[0])
+    assert "less than or equal to 9007199254740992" in line, line
+
+
 def test_numbers_python_reads_stay_numbers() -> None:
     assert spec_yaml.load("a: " + "9" * 4300) == {"a": int("9" * 4300)}
     assert spec_yaml.load("a: [0x1f, 1:30, -7, 1_000, 2.5e+3]") == {"a": [31, 90, -7, 1000, 2500.0]}

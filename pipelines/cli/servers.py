@@ -32,19 +32,21 @@ def ui(
     ] = False,
 ) -> None:
     """Start the MLflow UI on the store labbook's runs use."""
-    from pipelines.tracking.tracking import tracking_uri
+    from pipelines.tracking.tracking import redact, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        out.print(f"runs are tracked by the MLflow server at {uri}: open it in a browser")
+        out.print(f"runs are tracked by the MLflow server at {redact(uri)}: open it in a browser")
         return
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    command = [str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    # The store URL goes in MLflow's own variable (`mlflow ui --backend-store-uri` reads
+    # MLFLOW_BACKEND_STORE_URI), not on the command line, which every local user can read.
+    command = [str(mlflow_bin), "ui", "--host", host, "--port", str(port)]
     # One person's local UI: one server process (its requests run in a thread pool), not MLflow's
     # default 4, each importing MLflow (~2 s of CPU) and holding ~200 MB. `labbook server` scales.
     command += ["--workers", "1"]
     # MLflow's background job runner serves its GenAI features, not ours: off unless asked.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     if auth:
         from pipelines.tracking.server import basic_auth
 
@@ -52,7 +54,7 @@ def ui(
             command += basic_auth(env)
     close_dead_runs()
     login = " (basic auth)" if auth else ""
-    out.print(f"MLflow UI{login} for {uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    out.print(f"MLflow UI{login} for {redact(uri)} at http://{host}:{port}  (Ctrl-C to stop)")
     serve(command, env)
 
 

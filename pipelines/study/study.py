@@ -38,7 +38,9 @@ def storage_url(explicit: str | None = None) -> str:
     from pipelines.specs.environment import database_url
 
     if explicit:
-        url = database_url(explicit, "--storage / tune.storage")
+        # A study's worker processes get it redacted on their command line (which every local
+        # user can read) and the password in their environment (`tracking.share_with_kernels`).
+        url = database_url(tracking.reveal(explicit, "--storage"), "--storage / tune.storage")
     elif os.environ.get(STORAGE_ENV):
         url = database_url(os.environ[STORAGE_ENV], STORAGE_ENV)
     else:

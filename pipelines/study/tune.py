@@ -456,7 +456,9 @@ def _worker_processes(handle: Study, count: int) -> list[subprocess.Popen]:
         "worker",
         str(handle.spec_path),
         "--storage",
-        handle.storage_url,
+        # Redacted: a command line is readable by every local user. The password goes to the
+        # workers through their environment (`LABBOOK_SECRET_URLS`; `studies.storage_url` reveals it).
+        tracking.notebook_parameter(handle.storage_url),
         "--study-name",
         handle.name,
         "--quiet",

@@ -121,11 +121,12 @@ def server_command(
 ) -> ServerCommand:
     """The `mlflow server` argv and environment; raises ValueError on missing credentials."""
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(environ if environ is not None else os.environ)}
+    # The store URL (with its password) in MLflow's own variable, not on the command line, which
+    # every local user can read (`mlflow server --backend-store-uri` reads MLFLOW_BACKEND_STORE_URI).
+    env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri
     argv = [
         str(Path(sys.executable).with_name("mlflow")),
         "server",
-        "--backend-store-uri",
-        backend_store_uri,
         "--artifacts-destination",
         artifacts_destination,
         "--serve-artifacts",

@@ -91,10 +91,11 @@ _SECRET_QUERY = re.compile(r"([?&](?:[a-z_]*password|passwd|pwd|token|secret|[a-
 def redact(url: str) -> str:
     """A storage or tracking URL fit to print, tag or write into a notebook: its password
     (`user:PASSWORD@`, `?password=...`, `?token=...`) replaced by `***`."""
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", re.sub(r"://([^:/@]+):[^@]*@", rf"://\1:{REDACTED}@", url))
+    # The user may be empty (`postgresql://:PW@host/db?user=me`) and the password hold spaces.
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", re.sub(r"://([^:/@]*):[^@/]*@", rf"://\1:{REDACTED}@", url))
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*\Z")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\n]*\Z")  # a password may hold spaces
 
 
 def _secret_urls() -> list[str]:

@@ -355,6 +355,18 @@ def test_3_error_lines_and_tags_are_bounded_one_line(store: str) -> None:
     assert len(tag) <= 500 and "\n" not in tag and tag.endswith("kept at /some/where.ipynb")
 
 
+def _command_lines() -> list[str]:
+    """Every process's command line, as `ps` (and so any local user) sees it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return found
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -478,6 +490,8 @@ def test_6_a_store_password_in_a_url_is_redacted_and_given_back_only_from_the_en
         ("postgresql://me:pa:ss@db:5432/x", "postgresql://me:***@db:5432/x"),
         ("postgresql://db/x?sslmode=require&password=pw", "postgresql://db/x?sslmode=require&password=***"),
         ("http://host:5000/?token=abc#x", "http://host:5000/?token=***#x"),
+        ("postgresql://:pw@db/x?user=me", "postgresql://:***@db/x?user=me"),  # no user name: libpq's `user=`
+        ("postgresql://me:pass word@db/x", "postgresql://me:***@db/x"),  # a space in the password
     ]:
         assert tracking.notebook_parameter(url) == shown
         assert tracking.reveal(shown) == url  # from LABBOOK_SECRET_URLS, which kernels inherit
@@ -499,20 +513,33 @@ def test_6_database_passwords_reach_no_notebook_html_log_or_terminal_and_the_tri
     tracking_url = database("mlflow").replace("postgresql://postgres@", "postgresql://postgres:TRACKSECRET1@", 1)
     storage_url = database("optuna").replace("postgresql://postgres@", "postgresql://postgres:OPTUNASECRET2@", 1)
     env = {"MLFLOW_TRACKING_URI": tracking_url, "LABBOOK_WARM_KERNELS": warm}
-    done = labbook(
-        "tune", str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml"), "--n-trials", "1", "--storage", storage_url,
-        "--set", "max_epochs=2", "--set", "n_samples=256", "--no-report", "--no-register", cwd=tmp_path, env=env,
-    )  # fmt: skip
+    command = [
+        str(LABBOOK), "tune", str(PROJECT_ROOT / "pipelines" / "regression_tune.yaml"), "--n-trials", "2",
+        "--workers", "2", "--storage", storage_url, "--set", "max_epochs=2", "--set", "n_samples=256", "--no-report",
+        "--no-register",
+    ]  # fmt: skip
+    tune = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen: list[str] = []  # every local user reads command lines (ps): the second worker's too
+    while tune.poll() is None:
+        seen += _command_lines()
+        time.sleep(0.2)
+    stdout, stderr = tune.communicate()
+    done = subprocess.CompletedProcess(command, tune.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert any(" worker " in line for line in seen), seen
+    # The user put one in `labbook tune`'s own command line; no process labbook started shows either.
+    started = [line for line in seen if "SECRET" in line and " tune " not in line]
+    assert started == [], started
     for secret in ("TRACKSECRET1", "OPTUNASECRET2"):
         assert secret not in done.stdout + done.stderr
         leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
         assert leaked == [], (secret, leaked)
     client = MlflowClient(tracking_url)
-    [trial] = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()], "tags.`labbook.trial_number` = '0'"
+    trials = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`labbook.trial_number` != ''"
     )
-    assert trial.info.status == "FINISHED" and "val_loss" in trial.data.metrics  # the kernel had the password
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" and "val_loss" in t.data.metrics for t in trials)
     executed = next(tmp_path.rglob("train.ipynb"))
     parameters = nbformat.read(executed, as_version=4).metadata.papermill.parameters
     assert parameters["tracking_uri"].startswith("postgresql://postgres:***@")
