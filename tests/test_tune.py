@@ -298,7 +298,7 @@ BAD_SPACES = [
     ),
     ({"dropout": {"type": "float", "low": 0.0, "high": 1.0}}, "tune.space.dropout: value 1.0 is invalid"),
     ({"lr": {"type": "uniform", "low": 0.0, "high": 1.0}}, "tune.space.lr: Input tag 'uniform' found using 'type'"),
-    ({"lrate": {"type": "float", "low": 0.1, "high": 1.0}}, "tune.space.lrate: --set lrate: unknown setting"),
+    ({"lrate": {"type": "float", "low": 0.1, "high": 1.0}}, "tune.space.lrate: --set 'lrate': unknown setting"),
 ]
 
 
