@@ -199,7 +199,7 @@ def mlflow_logger(params: dict[str, Any]) -> MLFlowLogger:
     """
     if not is_rank_zero():
         return _OtherRankLogger()
-    uri = tracking.reveal(params.get("tracking_uri") or "") or tracking.tracking_uri()
+    uri = tracking.tracking_uri(params.get("tracking_uri"))
     client = tracking.client(uri)
     tags = {Tag.PYTHON_EXECUTABLE: sys.executable}
     run_id = params.get("run_id")
@@ -243,7 +243,7 @@ def lesson_run(
     Under `labbook run` or a pipeline step, the run already exists (`run_id`); under plain
     papermill one is created here, with the same provenance tags.
     """
-    client = tracking.client(tracking_uri or tracking.tracking_uri())
+    client = tracking.client(tracking_uri)
     if not run_id:
         run_id = tracking.start_run(
             client,
@@ -454,8 +454,7 @@ def monitored(params: dict[str, Any], default: tuple[str, str]) -> tuple[str, st
 def output_dir(params: dict[str, Any], run_id: str) -> Path:
     """Where this run's checkpoints go: the folder `labbook run` gave, or one beside the store."""
     path = Path(
-        params.get("output_dir")
-        or tracking.output_dir(tracking.reveal(params.get("tracking_uri") or "") or tracking.tracking_uri(), run_id)
+        params.get("output_dir") or tracking.output_dir(tracking.tracking_uri(params.get("tracking_uri")), run_id)
     )
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -42,13 +42,15 @@ def telemetry_off() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def whole_number(name: str, default: int, low: int, high: int) -> int:
-    """`name` as a whole number in [low, high], else `default` when unset; `ValueError` in one line."""
+def whole_number(name: str, default: int, low: int, high: int, unit: str = "") -> int:
+    """`name` as a whole number in [low, high] (of `unit`, as the error says), else `default` when
+    unset; `ValueError` in one line."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not low <= int(raw) <= high:
-        raise ValueError(f"{name}={raw[:40]!r}: expected a whole number from {low} to {high}")
+        of = f" of {unit}" if unit else ""
+        raise ValueError(f"{name}={raw[:40]!r}: expected a whole number{of} from {low} to {high}")
     return int(raw)
 
 
@@ -73,12 +75,7 @@ def fork_kernels() -> bool:
 def run_heartbeat_seconds() -> int:
     """`LABBOOK_RUN_HEARTBEAT_SECONDS`, else 30 (a run driver's heartbeat). Raises ValueError (one line)
     unless a whole number 1..3600."""
-    raw = os.environ.get(RUN_HEARTBEAT_ENV, "").strip()
-    if not raw:
-        return RUN_HEARTBEAT_SECONDS
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not 1 <= int(raw) <= 3600:
-        raise ValueError(f"{RUN_HEARTBEAT_ENV}={raw[:40]!r}: expected a whole number of seconds from 1 to 3600")
-    return int(raw)
+    return whole_number(RUN_HEARTBEAT_ENV, RUN_HEARTBEAT_SECONDS, 1, 3600, "seconds")
 
 
 def database_url(raw: str, name: str) -> str:

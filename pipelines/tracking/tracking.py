@@ -44,8 +44,11 @@ def default_store() -> Path:
     return store
 
 
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else the embedded SQLite store under `./mlruns/`."""
+def tracking_uri(given: str | None = None) -> str:
+    """`given` (a notebook parameter, whose password `reveal` gives back), else `MLFLOW_TRACKING_URI`
+    if set, else the embedded SQLite store under `./mlruns/`."""
+    if given:
+        return reveal(given)
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if uri:
         return uri
@@ -207,7 +210,7 @@ def client(uri: str | None = None) -> MlflowClient:
     A kernel server makes commands start fast enough to meet there (a scheduled run and the
     process watching it); so could any two workers started together.
     """
-    uri = reveal(uri or "") or tracking_uri()
+    uri = tracking_uri(uri)
     match = re.match(r"sqlite:///(.+)$", uri)
     if uri.startswith("postgresql") and uri not in _OPENED:
         # The same race on a new PostgreSQL store (alembic in each process): a database-wide lock
